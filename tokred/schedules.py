@@ -1,0 +1,184 @@
+"""Budget schedules: a short spec turned into the number of tokens a reducer removes in each block.
+
+``r`` always means *tokens removed in a block*; ``keep_ratio`` always means *fraction of tokens kept*.
+
+Forms (ToMe, Bolya et al. ICLR 2023, Sec. 4 "token schedules"; Token Cropr, Bergner et al. CVPR 2025,
+Sec. 3.4 warm-up):
+    ``Constant(r)``                  r in every block.
+    ``Linear(r, inflection)``        linear ramp with mean r: inflection 0 = constant, -1 = from 2r down to 0,
+                                     +1 = from 0 up to 2r (ToMe's ``(r, inflection)`` tuple).
+    ``Explicit([r_0, ..., r_k])``    one value per block, missing trailing blocks are 0.
+    ``KeepRatio(keep_ratio, ...)``   the r that keeps a fraction of the tokens, either at the end of the
+                                     reducing blocks (spread evenly) or after every block (geometric).
+    ``Warmup(inner, fraction)``      scales ``inner`` linearly from 0 to full over the first ``fraction`` of
+                                     training (progress in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule", "SCHEDULES"]
+
+
+class Schedule:
+    """Maps (depth, tokens entering the first reducing block, training progress) to per-block budgets."""
+
+    def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
+        """Per-block budgets ``r_i`` (tokens removed in block i), length ``depth``.
+
+        Args:
+            depth: blocks in the backbone.
+            num_tokens: patch tokens (prefix excluded) before the first block.
+            progress: fraction of training done, 1.0 at inference.
+
+        Raises:
+            ValueError: when the schedule does not fit ``depth``.
+        """
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Plain-dict description recorded in results."""
+        return {"kind": type(self).__name__.lower(), **self.__dict__}
+
+
+def _check_r(r: float, what: str = "r") -> None:
+    if r < 0:
+        raise ValueError(f"{what} must be >= 0 (tokens removed per block), got {r}")
+
+
+@dataclass
+class Constant(Schedule):
+    r: int = 0
+
+    def __post_init__(self) -> None:
+        _check_r(self.r)
+
+    def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
+        return [int(self.r)] * depth
+
+
+@dataclass
+class Linear(Schedule):
+    r: int = 0
+    inflection: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_r(self.r)
+        if not -1.0 <= self.inflection <= 1.0:
+            raise ValueError(f"inflection must be in [-1, 1], got {self.inflection}")
+
+    def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
+        first = self.r * (1.0 - self.inflection)  # value at block 0
+        last = 2 * self.r - first  # value at the last block; mean stays r
+        if depth == 1:
+            return [int(self.r)]
+        step = (last - first) / (depth - 1)
+        return [int(first + step * i) for i in range(depth)]
+
+
+@dataclass
+class Explicit(Schedule):
+    values: Sequence[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.values = [int(v) for v in self.values]
+        for v in self.values:
+            _check_r(v, "every value of the explicit schedule")
+
+    def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
+        if len(self.values) > depth:
+            raise ValueError(f"explicit schedule has {len(self.values)} values but the backbone has depth {depth}; "
+                             "give at most one value per block")
+        return list(self.values) + [0] * (depth - len(self.values))
+
+
+@dataclass
+class KeepRatio(Schedule):
+    """Removes tokens so that a fraction ``keep_ratio`` remains.
+
+    Attributes:
+        keep_ratio: fraction in (0, 1] of patch tokens kept.
+        per_block: True: keep ``keep_ratio`` of the tokens after every reducing block (geometric decay,
+            DynamicViT style); False: ``keep_ratio`` of the tokens remain after the last reducing block,
+            the removal spread evenly over the reducing blocks.
+        blocks: how many leading blocks reduce (default all); later blocks get 0.
+    """
+
+    keep_ratio: float = 1.0
+    per_block: bool = False
+    blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+
+    def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
+        nb = depth if self.blocks is None else self.blocks
+        if not 0 < nb <= depth:
+            raise ValueError(f"keep-ratio schedule over {nb} blocks does not fit depth {depth}")
+        out, n = [], num_tokens
+        if self.per_block:
+            for _ in range(nb):
+                keep = max(1, math.ceil(n * self.keep_ratio))
+                out.append(n - keep)
+                n = keep
+        else:
+            total = num_tokens - max(1, math.ceil(num_tokens * self.keep_ratio))
+            base, extra = divmod(total, nb)
+            out = [base + (1 if i < extra else 0) for i in range(nb)]
+        return out + [0] * (depth - nb)
+
+
+@dataclass
+class Warmup(Schedule):
+    """Ramps ``inner``'s budgets linearly from 0 over the first ``fraction`` of training (Cropr Sec. 3.4)."""
+
+    inner: Schedule = field(default_factory=Constant)
+    fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"warm-up fraction must be in [0, 1], got {self.fraction}")
+
+    def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
+        full = self.inner.budgets(depth, num_tokens, progress)
+        scale = 1.0 if self.fraction == 0 else min(1.0, progress / self.fraction)
+        return [int(round(v * scale)) for v in full]
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "warmup", "fraction": self.fraction, "inner": self.inner.config()}
+
+
+SCHEDULES = ("constant", "linear", "explicit", "keep_ratio", "warmup")
+
+
+def build_schedule(kind: str = "constant", r: int = 0, **params: Any) -> Schedule:
+    """Builds a schedule from a short spec (the ``schedule`` config group), with ``r`` the reducer's budget.
+
+    Args:
+        kind: one of ``SCHEDULES``.
+        r: the reducer's base budget (tokens removed per block), used by constant, linear and warmup.
+        **params: the form's own parameters (``inflection``, ``values``, ``keep_ratio``, ``per_block``,
+            ``blocks``, ``fraction``, and for warmup ``inner`` = another spec dict).
+
+    Raises:
+        ValueError: unknown kind (the valid kinds are listed) or out-of-range parameters.
+    """
+    params = {k: v for k, v in params.items() if v is not None and k not in ("applies_to",)}
+    if kind == "constant":
+        return Constant(r=r)
+    if kind == "linear":
+        return Linear(r=r, inflection=float(params.get("inflection", 0.0)))
+    if kind == "explicit":
+        return Explicit(values=list(params.get("values", [])))
+    if kind == "keep_ratio":
+        return KeepRatio(keep_ratio=float(params.get("keep_ratio", 1.0)), per_block=bool(params.get("per_block", False)),
+                         blocks=params.get("blocks"))
+    if kind == "warmup":
+        inner_spec = dict(params.get("inner") or {"kind": "constant"})
+        return Warmup(inner=build_schedule(r=r, **inner_spec), fraction=float(params.get("fraction", 0.5)))
+    raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
