@@ -267,7 +267,7 @@ def _open_image(path: Path, rgb: bool) -> np.ndarray:
     try:
         with Image.open(path) as img:
             # Palette ("P") labels decode to their indices, which are the class values.
-            return np.asarray(img.convert("RGB")) if rgb else np.asarray(img)
+            return np.array(img.convert("RGB")) if rgb else np.array(img)
     except (OSError, SyntaxError, ValueError) as exc:  # PIL signals corrupt files with these
         raise OSError(
             f"cannot read image file {path}: {exc}. Fix: re-export or replace the file "
@@ -407,7 +407,7 @@ class SegmentationDataset(Dataset):
                 f"{label_path} is {label.shape[0]}x{label.shape[1]} px. Fix: the pair must "
                 "have the same size."
             )
-        img_t = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        img_t = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         lbl_t = tv_tensors.Mask(torch.from_numpy(label)[None])
         if self.train:
             img_out, lbl_out = self._transform(img_t, lbl_t)

@@ -29,6 +29,8 @@ ENTRY_POINT_GROUP = "tokred.reducers"
 # name -> "module:Class"; kept as strings so importing tokred does not import every reducer.
 _BUILTINS: dict[str, str] = {
     "none": "tokred.reducers.none:NoReducer",
+    "cropr": "tokred.reducers.cropr:Cropr",
+    "early_exit": "tokred.reducers.early_exit:EarlyExit",
 }
 
 

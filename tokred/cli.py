@@ -1,0 +1,357 @@
+"""Command-line jobs behind ``python -m tokred <command> [hydra overrides]``.
+
+Each job receives the composed Hydra config. Builders here are also the Python API's bridge from a config
+(``build_model_from_config``), so a notebook can do ``compose(...)`` and get exactly what the CLI gets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tokred.data import build_dataset, dataset_info
+from tokred.engine.checkpoint import load_checkpoint
+from tokred.engine.distributed import init_distributed, is_main_process, world_size
+from tokred.models.segmenter import Segmenter, build_segmenter
+from tokred.reducers.registry import available_reducers, get_reducer_class
+
+__all__ = ["build_model_from_config", "resolve_device", "run_job", "eval_job", "list_job", "method_name"]
+
+log = logging.getLogger("tokred")
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; otherwise the named device.
+
+    Raises:
+        ValueError: a CUDA device is named but none (or not that index) is available; lists what is.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"device={spec!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            avail = ["cpu"] + [f"cuda:{i}" for i in range(n)]
+            raise ValueError(f"device={spec!r} is not available here; available: {', '.join(avail)}")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _reducer_kwargs(section: DictConfig, slot: str, schedule: DictConfig) -> tuple[str, dict[str, Any]]:
+    cfg = OmegaConf.to_container(section, resolve=True)
+    assert isinstance(cfg, dict)
+    name = cfg.pop("name", None)
+    if name is None:
+        raise ValueError(f"{slot} config has no 'name'; choose one of {', '.join(available_reducers())}")
+    cls = get_reducer_class(name)  # raises with the valid names
+    sched = OmegaConf.to_container(schedule, resolve=True)
+    assert isinstance(sched, dict)
+    applies = sched.pop("applies_to", ["merger", "pruner"])
+    params = inspect.signature(cls.__init__).parameters
+    if "schedule" in params and slot in applies and sched.get("kind", "constant") != "constant":
+        cfg.setdefault("schedule", sched)
+    return name, cfg
+
+
+def build_model_from_config(cfg: DictConfig) -> Segmenter:
+    """Builds the ``Segmenter`` that ``cfg`` (the composed tokred config) describes.
+
+    Raises:
+        ValueError / KeyError: unknown names or impossible configurations, with the valid choices.
+    """
+    m = cfg.model
+    backbone_kwargs = dict(OmegaConf.to_container(m.backbone_kwargs, resolve=True) or {})
+    for key in ("embed_dim", "depth", "num_heads"):
+        backbone_kwargs.setdefault(key, int(m[key]))
+    merger, merger_kwargs = _reducer_kwargs(cfg.merger, "merger", cfg.schedule)
+    pruner, pruner_kwargs = _reducer_kwargs(cfg.pruner, "pruner", cfg.schedule)
+    return build_segmenter(
+        model=m.name, num_classes=int(cfg.dataset.num_classes), crop_size=tuple(cfg.dataset.crop_size),
+        decoder=cfg.decoder.name, decoder_kwargs=OmegaConf.to_container(cfg.decoder.kwargs, resolve=True),
+        merger=merger, merger_kwargs=merger_kwargs, pruner=pruner, pruner_kwargs=pruner_kwargs,
+        backbone_kwargs=backbone_kwargs, checkpoint=m.checkpoint, drop_path_rate=float(m.drop_path_rate),
+        grad_checkpointing=bool(cfg.train.grad_checkpointing), ignore_index=int(cfg.dataset.ignore_index))
+
+
+def method_name(cfg: DictConfig) -> str:
+    """``none``, ``tome``, ``dcts+early_exit``, ... from the merger and pruner names."""
+    names = [n for n in (cfg.merger.name, cfg.pruner.name) if n != "none"]
+    return "+".join(names) if names else "none"
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """mmsegmentation-style name: ``{method}_{backbone}_{decoder}_{gpus}xb{batch}-{epochs}ep_{dataset}-{HxW}``."""
+    h, w = cfg.dataset.crop_size
+    backbone = str(cfg.model.name).replace("_", "-")
+    return (f"{method_name(cfg)}_{backbone}_{cfg.decoder.name}_{world_size()}xb{cfg.train.batch_size}-"
+            f"{cfg.train.epochs}ep_{cfg.dataset.name}-{h}x{w}")
+
+
+def _new_run_dir(cfg: DictConfig) -> Path:
+    """A fresh run directory (``name``, ``name-2``, ...), or the existing one when ``resume=true``.
+
+    Raises:
+        FileNotFoundError: ``resume=true`` but no such run exists.
+    """
+    name = cfg.run_name or default_run_name(cfg)
+    if not re.fullmatch(r"[\w.+=,-]+", name):
+        raise ValueError(f"run_name {name!r} may only hold letters, digits and . + = , - _")
+    base = Path(cfg.output_dir) / name
+    if cfg.resume:
+        if not (base / "last.pth").is_file():
+            raise FileNotFoundError(f"resume=true but {base / 'last.pth'} does not exist; drop resume or set "
+                                    "run_name to an existing run under output_dir")
+        return base
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{name}-{k}")
+    path.mkdir(parents=True)
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _setup_file_logging(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def _datasets(cfg: DictConfig, train: bool):
+    d = cfg.dataset
+    root = d.root
+    if train:
+        return build_dataset(d.name, root, d.train_split, tuple(d.crop_size), train=True,
+                             scale_range=tuple(d.scale_range), base_size=tuple(d.base_size))
+    return build_dataset(d.name, root, cfg.eval.split, tuple(d.crop_size), train=False, max_items=cfg.eval.max_items)
+
+
+def _loader(ds, batch_size: int, shuffle: bool, num_workers: int, sampler=None):
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=num_workers, drop_last=shuffle,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def _train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    from tokred.engine.train import build_optimizer, build_scheduler, train
+
+    ds = _datasets(cfg, train=True)
+    sampler = None
+    if world_size() > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True)
+    loader = _loader(ds, int(cfg.train.batch_size), True, int(cfg.train.num_workers), sampler)
+    if len(loader) == 0:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
+                         f"({len(ds)} images); lower it")
+    t = cfg.train
+    opt = build_optimizer(model, t.optimizer, float(t.lr), float(t.weight_decay), float(t.momentum))
+    total = int(t.epochs) * len(loader)
+    if t.max_iters is not None:
+        total = min(total, int(t.max_iters))
+    sched = build_scheduler(opt, total, int(t.warmup_iters), float(t.poly_power))
+    start_epoch = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(run_dir / "last.pth")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"])
+        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+    net: torch.nn.Module = model
+    if world_size() > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=True)
+    t0 = time.perf_counter()
+    losses = train(net, loader, opt, sched, device, int(t.epochs), run_dir=run_dir if is_main_process() else None,
+                   start_epoch=start_epoch, amp=bool(t.amp), grad_clip=t.grad_clip, max_iters=t.max_iters,
+                   checkpoint_every=int(t.checkpoint_every),
+                   checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)}, sampler=sampler)
+    return {"train_seconds": time.perf_counter() - t0, "train_images": len(ds), "final_losses": losses}
+
+
+def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.device) -> dict[str, Any]:
+    from tokred.engine.evaluate import evaluate
+    from tokred.measure import TokenAccounting
+
+    ds = _datasets(cfg, train=False)
+    info = dataset_info(cfg.dataset.name)
+    loader = _loader(ds, int(cfg.eval.batch_size), False, int(cfg.train.num_workers))
+    acct = TokenAccounting()
+    res = evaluate(model, loader, int(cfg.dataset.num_classes), device, int(cfg.dataset.ignore_index),
+                   mode=cfg.eval.mode, crop=tuple(cfg.dataset.crop_size),
+                   stride=None if cfg.eval.stride is None else tuple(cfg.eval.stride),
+                   class_names=info.class_names, on_state=acct.update, amp=bool(cfg.train.amp))
+    res.update(acct.summary())
+    res["eval_split"] = cfg.eval.split
+    res.update(_measure_cost(cfg, model, ds, device))
+    return res
+
+
+def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -> dict[str, Any]:
+    """GFLOPs (fvcore, per image) and im/s of this model next to the unreduced one, on real eval images."""
+    from tokred.measure import compare, count_gflops
+
+    crop = tuple(cfg.dataset.crop_size)
+    n_flops = min(int(cfg.eval.flops_images), len(ds))
+    out: dict[str, Any] = {}
+    if n_flops <= 0:
+        return out
+    import torch.nn.functional as F
+
+    images = torch.stack([F.interpolate(ds[i][0][None], size=crop, mode="bilinear", align_corners=False)[0]
+                          for i in range(n_flops)])
+    model.eval()
+    flops = count_gflops(model, images)
+    out["gflops"] = flops["gflops"]
+    out["gflops_detail"] = flops
+    baseline = _baseline_like(cfg, model)
+    base_flops = count_gflops(baseline, images[:1])
+    out["gflops_baseline"] = base_flops["gflops"]
+    out["gflops_ratio"] = base_flops["gflops"] / flops["gflops"] if flops["gflops"] else None
+    if cfg.eval.bench:
+        bs = int(cfg.eval.bench_batch_size)
+        reps = images.repeat((bs + n_flops - 1) // n_flops, 1, 1, 1)[:bs]
+        bench = compare(model, baseline, images=reps, device=str(device), precision="fp32",
+                        repeats=int(cfg.eval.bench_repeats), gflops=flops["gflops"],
+                        baseline_gflops=base_flops["gflops"])
+        out.update({k: bench[k] for k in ("images_per_second", "baseline_images_per_second", "speedup",
+                                          "efficiency", "batch_size", "precision", "device", "peak_memory_mib",
+                                          "threads") if k in bench})
+        out["bench"] = bench
+    return out
+
+
+def _baseline_like(cfg: DictConfig, model: Segmenter) -> Segmenter:
+    """The unreduced model with the same backbone and decoder weights (for GFLOPs and im/s ratios)."""
+    base_cfg = cfg.copy()
+    OmegaConf.set_struct(base_cfg, False)
+    base_cfg.merger = {"name": "none"}
+    base_cfg.pruner = {"name": "none"}
+    base_cfg.model.checkpoint = None
+    baseline = build_model_from_config(base_cfg)
+    baseline.load_state_dict(model.state_dict(), strict=False)
+    return baseline.eval()
+
+
+def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    def fmt(v: Any, pct: bool = False) -> str:
+        if v is None:
+            return "-"
+        return f"{100 * v:.2f}" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    rows = [["method", metrics.get("method")], ["model", metrics.get("model", {}).get("name")],
+            ["dataset / split", f"{metrics.get('dataset', {}).get('name')} / {metrics.get('eval_split')}"],
+            ["mIoU (%)", fmt(metrics.get("miou"), True)], ["pixel acc (%)", fmt(metrics.get("pixel_accuracy"), True)],
+            ["GFLOPs / image", fmt(metrics.get("gflops"))], ["GFLOPs ratio vs none", fmt(metrics.get("gflops_ratio"))],
+            ["im/s", fmt(metrics.get("images_per_second"))], ["speedup vs none", fmt(metrics.get("speedup"))],
+            ["token reduction", fmt(metrics.get("token_reduction"))],
+            ["halted fraction", fmt(metrics.get("halted_fraction"))], ["device", metrics.get("device")]]
+    sys.stdout.write(tabulate(rows, tablefmt="simple") + "\n")
+    per_class = metrics.get("per_class_iou") or {}
+    if per_class:
+        sys.stdout.write(tabulate([[k, fmt(v, True)] for k, v in per_class.items()], headers=["class", "IoU (%)"],
+                                  tablefmt="simple") + "\n")
+    sys.stdout.write(f"results: {run_dir}\n")
+
+
+def _assemble_metrics(cfg: DictConfig, model: Segmenter, results: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    from tokred.measure import provenance
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    slots = {"merger": cfg.merger.name, "pruner": cfg.pruner.name}
+    prov = provenance(slots)
+    reducer_cfg = {type(r).__name__: r.extra_config() for r in model.reducers}
+    metrics = {
+        "method": method_name(cfg), **results, **extra,
+        "model": c["model"], "dataset": c["dataset"], "crop_size": c["dataset"]["crop_size"], "decoder": c["decoder"],
+        "merger": c["merger"], "pruner": c["pruner"], "schedule": c["schedule"], "reducer_config": reducer_cfg,
+        "train": c["train"], "eval": c["eval"], "seed": c["seed"], "world_size": world_size(), **prov,
+    }
+    return metrics
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory."""
+    from tokred.results import write_metrics
+
+    _seed_everything(int(cfg.seed))
+    device = init_distributed(resolve_device(cfg.device))
+    model = build_model_from_config(cfg).to(device)  # validates names before any file is written
+    run_dir = _new_run_dir(cfg) if is_main_process() else Path(cfg.output_dir)
+    if is_main_process():
+        _setup_file_logging(run_dir)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        log.info("run directory %s", run_dir)
+    extra: dict[str, Any] = {"run_dir": str(run_dir)}
+    if cfg.checkpoint:
+        model.load_state_dict(load_checkpoint(cfg.checkpoint)["model"])
+        extra["checkpoint"] = str(cfg.checkpoint)
+    elif int(cfg.train.epochs) > 0:
+        extra.update(_train_stage(cfg, model, device, run_dir))
+    if not is_main_process():
+        return {}
+    results = _evaluate_and_measure(cfg, model, device)
+    metrics = _assemble_metrics(cfg, model, results, extra)
+    write_metrics(run_dir / "metrics.json", metrics)
+    _print_summary(run_dir, metrics)
+    return metrics
+
+
+def eval_job(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m tokred eval checkpoint=PATH [overrides]``: evaluate a trained checkpoint into a new run dir.
+
+    Raises:
+        ValueError: no ``checkpoint=`` given.
+    """
+    if not cfg.checkpoint:
+        raise ValueError("tokred eval needs checkpoint=PATH (a tokred last.pth); to train use tokred run")
+    OmegaConf.set_struct(cfg, False)
+    cfg.train.epochs = 0
+    if cfg.run_name is None:
+        cfg.run_name = "eval_" + default_run_name(cfg)
+    return run_job(cfg)
+
+
+def list_job() -> None:
+    """``python -m tokred list``: every reducer with its kind and the distribution/version supplying it."""
+    from tabulate import tabulate
+
+    rows = []
+    for name, spec in available_reducers().items():
+        try:
+            kind = get_reducer_class(name).kind
+        except (ImportError, TypeError) as err:
+            kind = f"<broken: {err}>"
+        rows.append([name, kind, spec.distribution, spec.version, spec.origin, spec.target])
+    sys.stdout.write(tabulate(rows, headers=["name", "kind", "distribution", "version", "origin", "target"],
+                              tablefmt="simple") + "\n")
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,334 @@
+"""STEP early-exit pruning: confident tokens halt after chosen blocks and keep their exit prediction.
+
+Implements the early exit of STEP (Szczepanski, Poreba, Haroun, arXiv 2509.14165, 2025; VISAPP 2025 version
+by Proust et al.), reconstructed after DToP (Tang et al., "Dynamic Token Pruning in Plain Vision Transformers
+for Semantic Segmentation", ICCV 2023, Sec. 3), since the full STEP text is not available
+(``/work/shared/papers/methods.md`` sections 1 and 3):
+
+1. After each exit block an auxiliary head predicts per-token class logits ``[B, N, K]``.
+2. A token's confidence is its maximum softmax probability. Tokens above the threshold ``p0`` are halted,
+   except the ``top_k`` most confident candidates of each predicted class in each image, which stay live so
+   that every class keeps context in the later blocks (DToP Sec. 3.2).
+3. Halted tokens leave the encoder (they are neither queries nor keys of any later block) and go to the
+   state's bank with their exit logits; the Segmenter writes those logits into the final map at every cell
+   the token covers, so a halted supertoken (dCTS, size > 1) fixes the label of all its cells.
+
+Block numbers: ``exit_blocks`` are **1-based**, as in the papers: ``exit_blocks=[6, 8]`` places heads after
+the 6th and the 8th block, i.e. after the encoder's 0-based blocks 5 and 7 (``on_block(5, ...)``). Loss
+names and stats use the same 1-based numbers (``exit_6``, ``halted_exit_6``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from torch import Tensor, nn
+
+from tokred.reducers.base import BackboneInfo, Pruner
+from tokred.state import AuxOutput, TokenState
+
+__all__ = ["EarlyExit", "EXIT_HEADS", "LinearExitHead", "AttentionToMaskExitHead", "select_halted",
+           "default_exit_blocks", "default_threshold"]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+def default_exit_blocks(depth: int) -> list[int]:
+    """Default 1-based exit blocks for a backbone of ``depth`` blocks.
+
+    DToP's choices: ViT-L (``depth >= 24``) after blocks 8 and 16; ViT-T/S/B (``9 <= depth < 24``) after
+    blocks 6 and 8. Shallower test backbones (``depth < 9``, e.g. timm ``test_vit`` with depth 6) get exits at
+    one and two thirds of the depth, ``[depth // 3, 2 * depth // 3]`` (``[2, 4]`` for depth 6), clipped to
+    ``[1, depth - 1]`` with duplicates removed.
+
+    Raises:
+        ValueError: ``depth < 2`` (no block is followed by another, so no exit is possible).
+    """
+    if depth < 2:
+        raise ValueError(f"early exit needs a backbone depth of at least 2 blocks, got depth={depth}")
+    if depth >= 24:
+        return [8, 16]
+    if depth >= 9:
+        return [6, 8]
+    return sorted({min(max(b, 1), depth - 1) for b in (depth // 3, 2 * depth // 3)})
+
+
+def default_threshold(depth: int) -> float:
+    """Default confidence threshold ``p0``: 0.95 for ViT-L (``depth >= 24``), else 0.9 (DToP Sec. 4.1)."""
+    return 0.95 if depth >= 24 else 0.9
+
+
+# ---------------------------------------------------------------------------------------------- selection
+@torch.no_grad()
+def select_halted(logits: Tensor, eligible: Tensor, threshold: float, top_k: int) -> tuple[Tensor, Tensor]:
+    """Which tokens halt: confident ones, except the ``top_k`` most confident of each class (DToP Sec. 3.2).
+
+    A token is a candidate when it is eligible and its maximum softmax probability is strictly above
+    ``threshold``. Within each image and each predicted class, the ``top_k`` most confident candidates stay
+    live (ties broken by token order, earlier first); the other candidates halt. Vectorised: two stable sorts
+    bring tokens into (class, descending confidence) order and each token's rank inside its class group is
+    its sorted position minus the group's start.
+
+    Args:
+        logits: ``[B, N, K]`` per-token class logits.
+        eligible: ``[B, N]`` (bool) tokens that may halt (False for prefix and padding tokens).
+        threshold: ``p0`` in ``(0, 1]``; with 1.0 nothing halts (a probability is never above 1).
+        top_k: candidates kept live per class and image, ``>= 0``.
+
+    Returns:
+        ``(halt [B, N] bool, predicted class [B, N] long)``.
+    """
+    B, N, K = logits.shape
+    conf, pred = logits.float().softmax(-1).max(-1)  # [B, N] each
+    cand = eligible & (conf > threshold)  # [B, N]
+    if top_k == 0:
+        return cand, pred
+    group = torch.where(cand, pred, torch.full_like(pred, K))  # non-candidates in group K (ignored)
+    by_conf = torch.argsort(conf, dim=1, descending=True, stable=True)  # [B, N]
+    by_group = torch.argsort(group.gather(1, by_conf), dim=1, stable=True)  # [B, N]
+    order = by_conf.gather(1, by_group)  # [B, N] tokens in (group, -confidence) order
+    counts = torch.zeros(B, K + 1, dtype=torch.long, device=logits.device).scatter_add(
+        1, group, torch.ones_like(group))  # [B, K + 1]
+    start = counts.cumsum(1) - counts  # [B, K + 1] first sorted position of each group
+    pos = torch.arange(N, device=logits.device).expand(B, N)
+    rank_sorted = pos - start.gather(1, group.gather(1, order))  # [B, N] rank inside the group
+    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)  # [B, N] back to token order
+    return cand & (rank >= top_k), pred
+
+
+# ---------------------------------------------------------------------------------------------- heads
+class LinearExitHead(nn.Module):
+    """Per-token linear classifier: ``LayerNorm`` then ``Linear(embed_dim, num_classes)`` (the cheap default).
+
+    Args:
+        embed_dim: token width ``C``.
+        num_classes: ``K``.
+        num_heads: unused (uniform head signature).
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, num_heads: int = 1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.fc = nn.Linear(embed_dim, num_classes)
+        trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None) -> Tensor:
+        """``x [B, N, C]`` -> ``[B, N, K]`` logits; ``attn_bias`` is ignored (tokens are classified alone)."""
+        return self.fc(self.norm(x))
+
+
+class AttentionToMaskExitHead(nn.Module):
+    """One attention-to-mask layer (after SegViT's ATM, Zhang et al. NeurIPS 2022, Sec. 3.1; DToP's heads).
+
+    One learned query per class cross-attends to the tokens (pre-norm, residual, then an MLP); the scaled
+    similarity between each updated class query and each token's key, averaged over heads, is that token's
+    logit for the class. tokred's choice: these similarities are used directly as per-token class logits
+    (softmax over classes gives the confidence), where SegViT gates a sigmoid mask with a per-query class
+    score; one decoder layer instead of DToP's three keeps the head small.
+
+    Args:
+        embed_dim: token width ``C``.
+        num_classes: ``K``.
+        num_heads: attention heads (must divide ``embed_dim``).
+
+    Raises:
+        ValueError: ``embed_dim`` is not divisible by ``num_heads``.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, num_heads: int = 1) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"ATM exit head: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.queries = nn.Parameter(torch.zeros(num_classes, embed_dim))
+        self.token_norm = nn.LayerNorm(embed_dim)
+        self.query_norm = nn.LayerNorm(embed_dim)
+        self.to_q = nn.Linear(embed_dim, embed_dim)
+        self.to_kv = nn.Linear(embed_dim, 2 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.mlp_norm = nn.LayerNorm(embed_dim)
+        self.mlp = Mlp(embed_dim, 2 * embed_dim)
+        self.mask_norm = nn.LayerNorm(embed_dim)
+        self.to_mask = nn.Linear(embed_dim, embed_dim)
+        trunc_normal_(self.queries, std=0.02)
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None) -> Tensor:
+        """Per-token class logits.
+
+        Args:
+            x: ``[B, N, C]`` tokens (prefix and padding included).
+            attn_bias: ``[B, 1, 1, N]`` additive key bias (``-inf`` on padding, ``log(size)`` with
+                proportional attention) or None.
+
+        Returns:
+            ``[B, N, K]`` logits.
+        """
+        B, N, C = x.shape
+        K = self.queries.shape[0]
+        h, hd = self.num_heads, self.head_dim
+        kv = self.to_kv(self.token_norm(x)).reshape(B, N, 2, h, hd).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # [B, h, N, hd] each
+        q0 = self.queries.to(x.dtype).expand(B, K, C)  # [B, K, C]
+        q = self.to_q(self.query_norm(q0)).reshape(B, K, h, hd).transpose(1, 2)  # [B, h, K, hd]
+        bias = None if attn_bias is None else attn_bias.to(q.dtype)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, h, K, hd]
+        cls = q0 + self.proj(a.transpose(1, 2).reshape(B, K, C))  # [B, K, C]
+        cls = cls + self.mlp(self.mlp_norm(cls))
+        m = self.to_mask(self.mask_norm(cls)).reshape(B, K, h, hd).transpose(1, 2)  # [B, h, K, hd]
+        sim = (m @ k.transpose(-1, -2)).mean(1) * hd ** -0.5  # [B, K, N] attention-to-mask logits
+        return sim.transpose(1, 2)
+
+
+EXIT_HEADS: dict[str, type[nn.Module]] = {"linear": LinearExitHead, "atm": AttentionToMaskExitHead}
+
+
+# ---------------------------------------------------------------------------------------------- the pruner
+class EarlyExit(Pruner):
+    """STEP / DToP early exit: confident tokens halt after the exit blocks and keep their exit logits.
+
+    See the module docstring for the rule. At every exit block (1-based ``b``, hook ``on_block(b - 1)``):
+
+    - the exit head predicts ``[B, N, K]`` logits for the live tokens;
+    - in training, an ``AuxOutput`` named ``exit_{b}`` holds the head's logits on the patch grid with a mask of
+      the cells still live at this exit (cells halted at an earlier exit are ignored by its loss);
+    - when halting is on, the selected tokens are banked with their logits (``TokenState.split``); prefix
+      tokens never halt, padding slots are never halted;
+    - stats: ``halted_exit_{b}`` ``[B]`` (tokens halted at this exit) and ``halted_per_class`` ``[B, K]``
+      (tokens halted per predicted class, summed over exits); ``split`` adds ``banked`` totals.
+
+    Training recipe (DToP Sec. 3.3, STEP): train a base model with the heads' auxiliary losses and no halting
+    (``threshold=1.0`` or ``halting=False``), then fine-tune with halting on. With halting on, tokens also
+    halt in training, so the later blocks and the decoder learn with the reduced token set; the kept exit
+    logits are not detached, so the main loss at halted cells trains the head that halted them (in addition
+    to the auxiliary loss). The halting decision itself is taken without gradient.
+
+    With halting off, the heads run only in training (for their auxiliary losses); at inference they are
+    skipped and the output equals the model without the pruner.
+
+    Args:
+        exit_blocks: 1-based blocks after which a head sits, strictly increasing, each in ``[1, depth - 1]``;
+            None: by depth (``default_exit_blocks``: ``[8, 16]`` for depth 24, ``[6, 8]`` for depth 9-23,
+            ``[depth // 3, 2 * depth // 3]`` below, i.e. ``[2, 4]`` for ``test_vit``).
+        threshold: confidence threshold ``p0`` in ``(0, 1]`` (max softmax probability); None: 0.95 for
+            depth >= 24 (ViT-L), else 0.9 (DToP). ``1.0`` disables halting (heads still trained).
+        top_k: most confident candidates per class and image that stay live (DToP: 5), ``>= 0``.
+        head: ``"linear"`` (LayerNorm + Linear per token, default) or ``"atm"`` (one attention-to-mask layer).
+        aux_weight: weight of each exit head's cross-entropy, ``>= 0``.
+        halting: False disables halting whatever the threshold (base-model training).
+
+    Raises:
+        ValueError: an exit block below 1 or not strictly increasing (``exit_blocks``), a threshold outside
+            ``(0, 1]``, ``top_k < 0``, an unknown ``head``, ``aux_weight < 0``; in ``setup``, an exit block
+            above ``depth - 1``.
+    """
+
+    kind: ClassVar[str] = "pruner"
+
+    def __init__(self, exit_blocks: Sequence[int] | None = None, threshold: float | None = None, top_k: int = 5,
+                 head: str = "linear", aux_weight: float = 1.0, halting: bool = True) -> None:
+        super().__init__()
+        if exit_blocks is not None:
+            exit_blocks = list(exit_blocks)
+            if not exit_blocks:
+                raise ValueError("exit_blocks is empty; name at least one 1-based block, or null for the "
+                                 "default by depth (use pruner=none for no early exit)")
+            if any(isinstance(b, bool) or int(b) != b for b in exit_blocks):
+                raise ValueError(f"exit_blocks must be integers (1-based block numbers), got {exit_blocks}")
+            exit_blocks = [int(b) for b in exit_blocks]
+            if min(exit_blocks) < 1:
+                raise ValueError(f"exit_blocks are 1-based block numbers (>= 1), got {exit_blocks}")
+            if any(a >= b for a, b in zip(exit_blocks, exit_blocks[1:])):
+                raise ValueError(f"exit_blocks must be strictly increasing, got {exit_blocks}")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold (p0, a softmax probability) must be in (0, 1], got {threshold}; "
+                             "1.0 disables halting")
+        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k (tokens kept live per class) must be an integer >= 0, got {top_k}")
+        if head not in EXIT_HEADS:
+            raise ValueError(f"unknown exit head {head!r}; valid: {', '.join(EXIT_HEADS)}")
+        if aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+        self._requested_blocks = exit_blocks
+        self._requested_threshold = threshold
+        self.exit_blocks: list[int] | None = exit_blocks  # resolved in setup
+        self.threshold: float | None = None if threshold is None else float(threshold)
+        self.top_k = int(top_k)
+        self.head = head
+        self.aux_weight = float(aux_weight)
+        self.halting = bool(halting)
+        self.heads = nn.ModuleList()
+        self._head_of_block: dict[int, int] = {}  # 0-based block -> index into heads (configuration)
+
+    def setup(self, info: BackboneInfo) -> None:
+        """Resolves exit blocks and threshold by depth and creates one exit head per exit.
+
+        Raises:
+            ValueError: an exit block above ``depth - 1`` (``exit_blocks``), or ``depth < 2``.
+        """
+        super().setup(info)
+        depth = info.depth
+        blocks = self._requested_blocks if self._requested_blocks is not None else default_exit_blocks(depth)
+        if max(blocks) > depth - 1:
+            raise ValueError(f"exit_blocks {blocks} (1-based) must lie in [1, depth - 1] = [1, {depth - 1}] "
+                             f"for this backbone (depth {depth}); an exit after the last block saves nothing")
+        self.exit_blocks = list(blocks)
+        self.threshold = self._requested_threshold if self._requested_threshold is not None \
+            else default_threshold(depth)
+        cls = EXIT_HEADS[self.head]
+        self.heads = nn.ModuleList(cls(info.embed_dim, info.num_classes, info.num_heads) for _ in blocks)
+        self._head_of_block = {b - 1: j for j, b in enumerate(blocks)}
+
+    @property
+    def halts(self) -> bool:
+        """True when tokens may halt (``halting`` on and ``threshold < 1``)."""
+        return self.halting and self.threshold is not None and self.threshold < 1.0
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"exit_blocks": self.exit_blocks, "threshold": self.threshold, "top_k": self.top_k,
+                "head": self.head, "aux_weight": self.aux_weight, "halting": self.halting}
+
+    def on_block(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
+        """At an exit block: exit head, auxiliary output (training), halting of confident tokens.
+
+        Args:
+            block: 0-based block index (the exit named ``b`` in ``exit_blocks`` runs at ``block == b - 1``).
+            x: ``[B, N, C]`` tokens after the block.
+            state: token state aligned with ``x``.
+
+        Returns:
+            ``(x' [B, N', C], state)`` with the halted tokens banked with their ``[B, N, K]`` exit logits.
+        """
+        j = self._head_of_block.get(block)
+        if j is None:
+            return x, state
+        name = block + 1  # 1-based, as in configs and papers
+        B, N, _ = x.shape
+        K = self.info.num_classes
+        if not self.training and not self.halts:  # heads only serve losses and halting
+            zeros = torch.zeros(B, dtype=torch.long, device=x.device)
+            state = state.add_stat(f"halted_exit_{name}", zeros)
+            return x, state.add_stat("halted_per_class", zeros.new_zeros(B, K))
+        logits = self.heads[j](x, state.attn_bias(x.dtype))  # [B, N, K]
+        if self.training:
+            grid, live = state.restore_live(logits)  # [B, K, H0, W0], [B, H0, W0]
+            state = state.add_aux(AuxOutput(name=f"exit_{name}", logits=grid, weight=self.aux_weight, mask=live))
+        if not self.halts:
+            zeros = torch.zeros(B, dtype=torch.long, device=x.device)
+            state = state.add_stat(f"halted_exit_{name}", zeros)
+            return x, state.add_stat("halted_per_class", zeros.new_zeros(B, K))
+        eligible = state.valid_mask().clone()  # [B, N]
+        eligible[:, :state.num_prefix_tokens] = False
+        halt, pred = select_halted(logits.detach(), eligible, self.threshold, self.top_k)  # [B, N] each
+        per_class = torch.zeros(B, K + 1, dtype=torch.long, device=x.device).scatter_add(
+            1, torch.where(halt, pred, K), halt.long())[:, :K]  # [B, K]
+        state = state.add_stat(f"halted_exit_{name}", halt.sum(1)).add_stat("halted_per_class", per_class)
+        return state.split(x, ~halt, block=block, logits=logits)
