@@ -65,8 +65,9 @@ def _reducer_kwargs(section: DictConfig, slot: str, schedule: DictConfig) -> tup
     assert isinstance(sched, dict)
     applies = sched.pop("applies_to", ["merger", "pruner"])
     params = inspect.signature(cls.__init__).parameters
-    if "schedule" in params and slot in applies and sched.get("kind", "constant") != "constant":
-        cfg.setdefault("schedule", sched)
+    if "schedule" in params and slot in applies and sched.get("kind", "constant") != "constant" \
+            and cfg.get("schedule") is None:  # a schedule written in the reducer's own config wins
+        cfg["schedule"] = sched
     return name, cfg
 
 
@@ -193,6 +194,7 @@ def _train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_di
 
 
 def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.device) -> dict[str, Any]:
+    """Quality on the eval split, token accounting over every forward, then cost (GFLOPs, im/s vs none)."""
     from tokred.engine.evaluate import evaluate
     from tokred.measure import TokenAccounting
 
@@ -200,48 +202,47 @@ def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.devic
     info = dataset_info(cfg.dataset.name)
     loader = _loader(ds, int(cfg.eval.batch_size), False, int(cfg.train.num_workers))
     acct = TokenAccounting()
-    res = evaluate(model, loader, int(cfg.dataset.num_classes), device, int(cfg.dataset.ignore_index),
-                   mode=cfg.eval.mode, crop=tuple(cfg.dataset.crop_size),
-                   stride=None if cfg.eval.stride is None else tuple(cfg.eval.stride),
-                   class_names=info.class_names, on_state=acct.update, amp=bool(cfg.train.amp))
-    res.update(acct.summary())
-    res["eval_split"] = cfg.eval.split
-    res.update(_measure_cost(cfg, model, ds, device))
-    return res
+    quality = evaluate(model, loader, int(cfg.dataset.num_classes), device, int(cfg.dataset.ignore_index),
+                       mode=cfg.eval.mode, crop=tuple(cfg.dataset.crop_size),
+                       stride=None if cfg.eval.stride is None else tuple(cfg.eval.stride),
+                       class_names=info.class_names, on_state=acct.update, amp=bool(cfg.train.amp))
+    quality["eval_split"] = cfg.eval.split
+    return {"quality": quality, "tokens": acct.summary(), **_measure_cost(cfg, model, ds, device)}
+
+
+def _eval_images(ds, n: int, crop: tuple[int, int]) -> torch.Tensor:
+    """``[n, 3, H, W]`` real eval images at the crop size (cost depends on content for dynamic reducers)."""
+    import torch.nn.functional as F
+
+    return torch.stack([F.interpolate(ds[i % len(ds)][0][None], size=crop, mode="bilinear", align_corners=False)[0]
+                        for i in range(n)])
 
 
 def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -> dict[str, Any]:
-    """GFLOPs (fvcore, per image) and im/s of this model next to the unreduced one, on real eval images."""
+    """GFLOPs (fvcore, each image with its own token counts) and im/s of this model next to the unreduced
+    one, measured side by side in this process on real eval images."""
     from tokred.measure import compare, count_gflops
 
     crop = tuple(cfg.dataset.crop_size)
     n_flops = min(int(cfg.eval.flops_images), len(ds))
-    out: dict[str, Any] = {}
     if n_flops <= 0:
-        return out
-    import torch.nn.functional as F
-
-    images = torch.stack([F.interpolate(ds[i][0][None], size=crop, mode="bilinear", align_corners=False)[0]
-                          for i in range(n_flops)])
+        return {}
+    images = _eval_images(ds, n_flops, crop)
     model.eval()
-    flops = count_gflops(model, images)
-    out["gflops"] = flops["gflops"]
-    out["gflops_detail"] = flops
+    gflops = count_gflops(model.cpu(), images)
     baseline = _baseline_like(cfg, model)
-    base_flops = count_gflops(baseline, images[:1])
-    out["gflops_baseline"] = base_flops["gflops"]
-    out["gflops_ratio"] = base_flops["gflops"] / flops["gflops"] if flops["gflops"] else None
+    base_gflops = count_gflops(baseline, images[:1])
+    gflops["baseline_gflops"] = base_gflops["gflops"]
+    gflops["gflops_ratio"] = base_gflops["gflops"] / gflops["gflops"]
+    model.to(device)
+    throughput = None
     if cfg.eval.bench:
         bs = int(cfg.eval.bench_batch_size)
-        reps = images.repeat((bs + n_flops - 1) // n_flops, 1, 1, 1)[:bs]
-        bench = compare(model, baseline, images=reps, device=str(device), precision="fp32",
-                        repeats=int(cfg.eval.bench_repeats), gflops=flops["gflops"],
-                        baseline_gflops=base_flops["gflops"])
-        out.update({k: bench[k] for k in ("images_per_second", "baseline_images_per_second", "speedup",
-                                          "efficiency", "batch_size", "precision", "device", "peak_memory_mib",
-                                          "threads") if k in bench})
-        out["bench"] = bench
-    return out
+        throughput = compare(model, baseline, bs, crop, device=str(device),
+                             precision="bf16" if (cfg.train.amp and device.type == "cuda") else "fp32",
+                             warmup=2, repeats=int(cfg.eval.bench_repeats), gflops_reduced=gflops["gflops"],
+                             gflops_baseline=base_gflops["gflops"], inputs=_eval_images(ds, bs, crop))
+    return {"gflops": gflops, "throughput": throughput}
 
 
 def _baseline_like(cfg: DictConfig, model: Segmenter) -> Segmenter:
@@ -266,6 +267,7 @@ def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
 
     rows = [["method", metrics.get("method")], ["model", metrics.get("model", {}).get("name")],
             ["dataset / split", f"{metrics.get('dataset', {}).get('name')} / {metrics.get('eval_split')}"],
+            ["images evaluated", metrics.get("num_images")],
             ["mIoU (%)", fmt(metrics.get("miou"), True)], ["pixel acc (%)", fmt(metrics.get("pixel_accuracy"), True)],
             ["GFLOPs / image", fmt(metrics.get("gflops"))], ["GFLOPs ratio vs none", fmt(metrics.get("gflops_ratio"))],
             ["im/s", fmt(metrics.get("images_per_second"))], ["speedup vs none", fmt(metrics.get("speedup"))],
@@ -279,21 +281,23 @@ def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     sys.stdout.write(f"results: {run_dir}\n")
 
 
-def _assemble_metrics(cfg: DictConfig, model: Segmenter, results: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _assemble_metrics(cfg: DictConfig, model: Segmenter, measured: dict[str, Any],
+                      extra: dict[str, Any]) -> dict[str, Any]:
     from tokred.measure import provenance
+    from tokred.results import assemble_metrics
 
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
-    slots = {"merger": cfg.merger.name, "pruner": cfg.pruner.name}
-    prov = provenance(slots)
-    reducer_cfg = {type(r).__name__: r.extra_config() for r in model.reducers}
-    metrics = {
-        "method": method_name(cfg), **results, **extra,
-        "model": c["model"], "dataset": c["dataset"], "crop_size": c["dataset"]["crop_size"], "decoder": c["decoder"],
-        "merger": c["merger"], "pruner": c["pruner"], "schedule": c["schedule"], "reducer_config": reducer_cfg,
-        "train": c["train"], "eval": c["eval"], "seed": c["seed"], "world_size": world_size(), **prov,
-    }
-    return metrics
+    prov = provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name})
+    gflops = measured.get("gflops")
+    return assemble_metrics(
+        model=c["model"], dataset=c["dataset"], crop_size=c["dataset"]["crop_size"], decoder=c["decoder"],
+        merger=c["merger"], pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
+        quality=measured["quality"], provenance=prov, gflops=gflops, throughput=measured.get("throughput"),
+        tokens=measured["tokens"],
+        extra={"method": method_name(cfg), "gflops_ratio": None if gflops is None else gflops["gflops_ratio"],
+               "reducer_config": {r.kind: {"class": type(r).__name__, **r.extra_config()} for r in model.reducers},
+               "train": c["train"], "eval": c["eval"], "world_size": world_size(), **extra})
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
@@ -316,8 +320,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         extra.update(_train_stage(cfg, model, device, run_dir))
     if not is_main_process():
         return {}
-    results = _evaluate_and_measure(cfg, model, device)
-    metrics = _assemble_metrics(cfg, model, results, extra)
+    measured = _evaluate_and_measure(cfg, model, device)
+    metrics = _assemble_metrics(cfg, model, measured, extra)
     write_metrics(run_dir / "metrics.json", metrics)
     _print_summary(run_dir, metrics)
     return metrics

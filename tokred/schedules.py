@@ -19,13 +19,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from fractions import Fraction
+from typing import Any, ClassVar
 
 __all__ = ["Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule", "SCHEDULES"]
 
 
 class Schedule:
-    """Maps (depth, tokens entering the first reducing block, training progress) to per-block budgets."""
+    """Maps (depth, tokens entering the first reducing block, training progress) to per-block budgets.
+
+    Class attributes:
+        kind: the ``build_schedule`` kind of this form; ``config()`` records it so that
+            ``build_schedule(**schedule.config())`` rebuilds an equal schedule.
+    """
+
+    kind: ClassVar[str] = "schedule"
 
     def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
         """Per-block budgets ``r_i`` (tokens removed in block i), length ``depth``.
@@ -42,7 +50,7 @@ class Schedule:
 
     def config(self) -> dict[str, Any]:
         """Plain-dict description recorded in results."""
-        return {"kind": type(self).__name__.lower(), **self.__dict__}
+        return {"kind": self.kind, **self.__dict__}
 
 
 def _check_r(r: float, what: str = "r") -> None:
@@ -52,6 +60,7 @@ def _check_r(r: float, what: str = "r") -> None:
 
 @dataclass
 class Constant(Schedule):
+    kind: ClassVar[str] = "constant"
     r: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +72,7 @@ class Constant(Schedule):
 
 @dataclass
 class Linear(Schedule):
+    kind: ClassVar[str] = "linear"
     r: int = 0
     inflection: float = 0.0
 
@@ -82,6 +92,7 @@ class Linear(Schedule):
 
 @dataclass
 class Explicit(Schedule):
+    kind: ClassVar[str] = "explicit"
     values: Sequence[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -108,6 +119,7 @@ class KeepRatio(Schedule):
         blocks: how many leading blocks reduce (default all); later blocks get 0.
     """
 
+    kind: ClassVar[str] = "keep_ratio"
     keep_ratio: float = 1.0
     per_block: bool = False
     blocks: int | None = None
@@ -115,28 +127,39 @@ class KeepRatio(Schedule):
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.blocks is not None and self.blocks < 1:
+            raise ValueError(f"keep-ratio schedule: blocks must be >= 1 (or null for all blocks), got {self.blocks}")
 
     def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
         nb = depth if self.blocks is None else self.blocks
         if not 0 < nb <= depth:
-            raise ValueError(f"keep-ratio schedule over {nb} blocks does not fit depth {depth}")
+            raise ValueError(f"keep-ratio schedule: blocks={nb} does not fit depth {depth}; give 1 <= blocks <= "
+                             "depth, or null for all blocks")
         out, n = [], num_tokens
         if self.per_block:
             for _ in range(nb):
-                keep = max(1, math.ceil(n * self.keep_ratio))
+                keep = self._kept(n)
                 out.append(n - keep)
                 n = keep
         else:
-            total = num_tokens - max(1, math.ceil(num_tokens * self.keep_ratio))
+            total = num_tokens - self._kept(num_tokens)
             base, extra = divmod(total, nb)
             out = [base + (1 if i < extra else 0) for i in range(nb)]
         return out + [0] * (depth - nb)
+
+    def _kept(self, n: int) -> int:
+        """``max(1, ceil(n * keep_ratio))`` with keep_ratio read as the decimal it was written as.
+
+        Plain float maths would give ``ceil(100 * 0.07) = ceil(7.000000000000001) = 8``.
+        """
+        return max(1, math.ceil(n * Fraction(repr(float(self.keep_ratio)))))
 
 
 @dataclass
 class Warmup(Schedule):
     """Ramps ``inner``'s budgets linearly from 0 over the first ``fraction`` of training (Cropr Sec. 3.4)."""
 
+    kind: ClassVar[str] = "warmup"
     inner: Schedule = field(default_factory=Constant)
     fraction: float = 0.5
 
@@ -146,7 +169,7 @@ class Warmup(Schedule):
 
     def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
         full = self.inner.budgets(depth, num_tokens, progress)
-        scale = 1.0 if self.fraction == 0 else min(1.0, progress / self.fraction)
+        scale = 1.0 if self.fraction == 0 else min(1.0, max(0.0, progress) / self.fraction)
         return [int(round(v * scale)) for v in full]
 
     def config(self) -> dict[str, Any]:
@@ -154,6 +177,15 @@ class Warmup(Schedule):
 
 
 SCHEDULES = ("constant", "linear", "explicit", "keep_ratio", "warmup")
+
+# parameters each kind takes besides ``kind`` and ``r`` (``applies_to`` is config plumbing, ignored)
+_PARAMS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "linear": ("inflection",),
+    "explicit": ("values",),
+    "keep_ratio": ("keep_ratio", "per_block", "blocks"),
+    "warmup": ("fraction", "inner"),
+}
 
 
 def build_schedule(kind: str = "constant", r: int = 0, **params: Any) -> Schedule:
@@ -166,9 +198,15 @@ def build_schedule(kind: str = "constant", r: int = 0, **params: Any) -> Schedul
             ``blocks``, ``fraction``, and for warmup ``inner`` = another spec dict).
 
     Raises:
-        ValueError: unknown kind (the valid kinds are listed) or out-of-range parameters.
+        ValueError: unknown kind (the valid kinds are listed), a parameter the kind does not take (its
+            parameters are listed; null values are ignored), or out-of-range parameters.
     """
     params = {k: v for k, v in params.items() if v is not None and k not in ("applies_to",)}
+    if kind in _PARAMS:
+        unknown = sorted(set(params) - set(_PARAMS[kind]))
+        if unknown:
+            raise ValueError(f"schedule kind {kind!r} does not take {unknown}; its parameters: "
+                             f"{', '.join(('r',) + _PARAMS[kind])}")
     if kind == "constant":
         return Constant(r=r)
     if kind == "linear":
@@ -180,5 +218,6 @@ def build_schedule(kind: str = "constant", r: int = 0, **params: Any) -> Schedul
                          blocks=params.get("blocks"))
     if kind == "warmup":
         inner_spec = dict(params.get("inner") or {"kind": "constant"})
-        return Warmup(inner=build_schedule(r=r, **inner_spec), fraction=float(params.get("fraction", 0.5)))
+        inner_spec.setdefault("r", r)  # an inner spec may carry its own r (e.g. from ``config()``)
+        return Warmup(inner=build_schedule(**inner_spec), fraction=float(params.get("fraction", 0.5)))
     raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 with warnings.catch_warnings():  # fvcore's import scripts a helper; recent torch flags torch.jit as deprecated
     warnings.simplefilter("ignore", FutureWarning)
@@ -66,6 +67,20 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(lead) * n_q * n_k * (hd + hd_v)
 
 
+def _matmul_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::matmul`` with ``torch.matmul`` semantics: 1-D operands and broadcast batch dims.
+
+    ``[..., n, k] @ [..., k, m]`` costs ``prod(broadcast batch) * n * k * m`` multiply-adds; a 1-D left operand
+    is ``[1, k]`` and a 1-D right operand ``[k, 1]``. (fvcore's own handle rejects 1-D operands, e.g. a score
+    ``[B, N, C] @ [C]``, and ignores batch dims that only the right operand has.)
+    """
+    a, b = get_shape(inputs[0]), get_shape(inputs[1])
+    a = [1, *a] if len(a) == 1 else a
+    b = [*b, 1] if len(b) == 1 else b
+    batch = torch.broadcast_shapes(torch.Size(a[:-2]), torch.Size(b[:-2]))
+    return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+
 def _baddbmm_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     """``aten::baddbmm(input, b1 [B, n, k], b2 [B, k, m])``: ``B * n * k * m`` multiply-adds."""
     b1, b2 = get_shape(inputs[1]), get_shape(inputs[2])
@@ -78,14 +93,15 @@ def _cdist_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(x1[:-2]) * x1[-2] * x2[-2] * x1[-1]
 
 
-#: Handles tokred adds to fvcore's defaults (op name -> handle). ``aten::_scaled_dot_product_*`` variants
-#: appear only when a backend kernel is called directly; traced ``F.scaled_dot_product_attention`` records the
-#: composite op.
+#: Handles tokred adds to fvcore's defaults or replaces them with (op name -> handle).
+#: ``aten::_scaled_dot_product_*`` variants appear only when a backend kernel is called directly; a traced
+#: ``F.scaled_dot_product_attention`` records the composite op.
 EXTRA_HANDLES: dict[str, Handle] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "aten::_scaled_dot_product_flash_attention_for_cpu": sdpa_flop_jit,
     "aten::_scaled_dot_product_efficient_attention": sdpa_flop_jit,
     "aten::_scaled_dot_product_flash_attention": sdpa_flop_jit,
+    "aten::matmul": _matmul_flop_jit,
     "aten::baddbmm": _baddbmm_flop_jit,
     "aten::cdist": _cdist_flop_jit,
 }
@@ -153,6 +169,70 @@ def _reducer_scopes(model: nn.Module) -> Iterator[list[tuple[str, nn.Module]]]:
                 vars(r).pop(a, None)
 
 
+# Ops whose Python ``bool`` scalar argument the jit tracer cannot record (see _TraceSafeBoolScalars), by name
+# (torch function and Tensor method alike; the input/self is argument 0 in both).
+# Fill values: name -> (position, keyword); the result dtype comes from ``dtype`` or the input, never the value.
+_FILL_ARGS: dict[str, tuple[int, str]] = {
+    "full_like": (1, "fill_value"), "new_full": (2, "fill_value"), "masked_fill": (2, "value"),
+    "masked_fill_": (2, "value"), "fill_": (1, "value"), "fill": (1, "value"), "scatter": (3, "value"),
+    "scatter_": (3, "value"), "index_fill": (3, "value"), "index_fill_": (3, "value"),
+}
+# Operands that may be tensors: a bool becomes a 0-dim bool tensor (same type promotion as a Python scalar).
+_OPERAND_OPS = frozenset({
+    "where", "eq", "ne", "__eq__", "__ne__", "__and__", "__or__", "__xor__", "__rand__", "__ror__", "__rxor__",
+    "__iand__", "__ior__", "__ixor__", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_and_", "bitwise_or_",
+    "bitwise_xor_", "logical_and", "logical_or", "logical_xor",
+})
+
+
+class _TraceSafeBoolScalars(TorchFunctionMode):
+    """Rewrites Python ``bool`` scalars that ``torch.jit`` tracing cannot record, with identical results.
+
+    The tracer records a Python ``bool`` scalar argument as a ``bool`` constant that alias analysis cannot
+    match to a ``Scalar`` (an internal assert, "We don't have an op for aten::full but it isn't a special
+    case", pytorch issue 130229); ``TokenState`` and reducers use such calls (``torch.full(..., True)``,
+    ``scatter(1, idx, True)``, ``mask == True``). While counting:
+
+    * fill values (``full``, ``full_like``, ``new_full``, ``masked_fill``, ``fill_``, ``scatter``,
+      ``index_fill``) become ``int``: the output dtype comes from ``dtype`` or the input tensor, and
+      ``torch.full`` without ``dtype`` gets ``dtype=torch.bool``, as the bool fill implied;
+    * operands of ``where``, comparisons and bitwise/logical ops become 0-dim bool tensors, which promote
+      exactly like a Python scalar.
+
+    Other ops with bool scalars (rare) still fail to trace; the error then comes from ``torch.jit``.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name == "full" or name in _FILL_ARGS or name in _OPERAND_OPS:
+            args, kwargs = self._rewrite(name, list(args), dict(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _rewrite(name: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        if name == "full":
+            if len(args) > 1 and isinstance(args[1], bool) or isinstance(kwargs.get("fill_value"), bool):
+                if len(args) > 1:
+                    args[1] = int(args[1])
+                else:
+                    kwargs["fill_value"] = int(kwargs["fill_value"])
+                if kwargs.get("dtype") is None:
+                    kwargs["dtype"] = torch.bool
+        elif name in _FILL_ARGS:
+            pos, key = _FILL_ARGS[name]
+            if len(args) > pos and isinstance(args[pos], bool):
+                args[pos] = int(args[pos])
+            elif isinstance(kwargs.get(key), bool):
+                kwargs[key] = int(kwargs[key])
+        else:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+            if tensors:
+                dev = tensors[0].device
+                args = [torch.tensor(a, device=dev) if isinstance(a, bool) else a for a in args]
+                kwargs = {k: torch.tensor(v, device=dev) if isinstance(v, bool) else v for k, v in kwargs.items()}
+        return args, kwargs
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     flags = {m: m.training for m in model.modules()}
@@ -192,12 +272,16 @@ def count_gflops(model: nn.Module, images: Tensor, targets: Tensor | None = None
 
     Every image is traced separately at batch 1 with its real token counts (dynamic reducers take their own
     path per image); the result averages over images. The model is put in eval mode for the count (restored
-    afterwards) and run under ``torch.no_grad``.
+    afterwards) and run under ``torch.no_grad``; Python ``bool`` scalars, which the jit tracer cannot record
+    (``torch.full(..., True)``, ``scatter(..., True)``), are rewritten to equivalent calls while tracing
+    (``_TraceSafeBoolScalars``). Cost: one jit trace per image (about 0.1-1 s on CPU for small models), so count
+    on a subset of validation images.
 
     Args:
         model: a ``Segmenter`` (or any module whose output is a tensor or has ``.logits``); reducers are found
             at ``model.encoder.reducers``.
-        images: ``[B, 3, H, W]`` normalised images (H, W px multiples of the patch size), e.g. validation images.
+        images: ``[B, 3, H, W]`` normalised images on the model's device (H, W px multiples of the patch size),
+            e.g. validation images.
         targets: optional ``[B, H, W]`` labels, passed to the forward (oracle policies read them).
         handles: fvcore op handles to add or override (op name -> handle; None ignores the op), applied after
             fvcore's defaults and ``EXTRA_HANDLES``.
@@ -226,14 +310,18 @@ def count_gflops(model: nn.Module, images: Tensor, targets: Tensor | None = None
     old_level = fv_log.level
     fv_log.setLevel(logging.ERROR)
     try:
-        with _eval_mode(model), torch.no_grad(), _reducer_scopes(model) as names, warnings.catch_warnings():
+        with _eval_mode(model), torch.no_grad(), _reducer_scopes(model) as names, _TraceSafeBoolScalars(), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")  # jit tracer / deprecation chatter; skipped ops are reported below
             for b in range(images.shape[0]):
                 inputs = (images[b:b + 1],) if targets is None else (images[b:b + 1], targets[b:b + 1])
                 per_image.append(_count_one(wrapped, inputs, all_handles, names))
     finally:
         fv_log.setLevel(old_level)
-    return _summarise(per_image, [int(images.shape[-2]), int(images.shape[-1])])
+    out = _summarise(per_image, [int(images.shape[-2]), int(images.shape[-1])])
+    log.debug("counted %.4f GFLOPs/image over %d images; not counted (no handle): %s", out["gflops"],
+              out["num_images"], out["skipped_ops"])
+    return out
 
 
 def _summarise(per_image: list[dict[str, Any]], image_hw: list[int]) -> dict[str, Any]:

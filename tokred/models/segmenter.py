@@ -98,8 +98,7 @@ class Segmenter(nn.Module):
                 t = F.interpolate(target[:, None].float(), size=aux.logits.shape[-2:], mode="nearest")[:, 0].long()
                 if aux.mask is not None:
                     t = t.masked_fill(~aux.mask, self.ignore_index)
-                losses[f"loss_{aux.name}"] = aux.weight * F.cross_entropy(aux.logits.float(), t,
-                                                                          ignore_index=self.ignore_index)
+                losses[f"loss_{aux.name}"] = aux.weight * self._ce(aux.logits, t)
             else:
                 t = target
                 if aux.mask is not None:  # cells outside the mask are ignored at pixel level
@@ -110,9 +109,11 @@ class Segmenter(nn.Module):
         return losses
 
     def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean cross-entropy over non-ignored pixels; 0 (not NaN) when every pixel is ignored."""
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+        return total / (target != self.ignore_index).sum().clamp_min(1)
 
 
 def _make_reducer(spec: str | Reducer | None, kwargs: Mapping[str, Any] | None, slot: str) -> Reducer:

@@ -87,6 +87,21 @@ class Reducer(nn.Module):
         """Parameters recorded in results (metrics.json); override to add more."""
         return {}
 
+    @classmethod
+    def identity_config(cls) -> dict[str, Any]:
+        """Constructor kwargs under which the reducer changes nothing (zero budget).
+
+        The contract suite (tests/test_contract.py) checks that the model built with them reproduces the
+        plain timm forward; every plugin gets that test for free by overriding this.
+        """
+        return {}
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        """Constructor kwargs that really reduce tokens on a tiny backbone (timm ``test_vit``, depth 6,
+        a grid of about 8 x 10 patches); used by the contract suite."""
+        return {}
+
     # -- hooks ---------------------------------------------------------------------------------------------
     def embed(self, ctx: EmbedContext) -> tuple[Tensor, TokenState]:
         """Builds the initial tokens ``[B, N, C]`` and state (only when ``replaces_embedding``)."""

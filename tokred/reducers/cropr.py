@@ -265,6 +265,16 @@ class Cropr(Pruner):
         self.cropr_modules = nn.ModuleList()
         self._module_of_block: dict[int, int] = {}
 
+    @classmethod
+    def identity_config(cls) -> dict[str, Any]:
+        """``r = 0``: nothing pruned, the segmenter's output equals the unreduced model's."""
+        return {"r": 0}
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        """``r = 6`` per module: 4 modules on a depth-6 ``test_vit`` prune 24 of about 80 patch tokens."""
+        return {"r": 6}
+
     # ------------------------------------------------------------------ configuration
     @staticmethod
     def _check_blocks(blocks: Sequence[int], depth: int | None) -> None:

@@ -20,8 +20,6 @@ names and stats use the same 1-based numbers (``exit_6``, ``halted_exit_6``).
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -35,8 +33,6 @@ from tokred.state import AuxOutput, TokenState
 
 __all__ = ["EarlyExit", "EXIT_HEADS", "LinearExitHead", "AttentionToMaskExitHead", "select_halted",
            "default_exit_blocks", "default_threshold"]
-
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- defaults
@@ -291,6 +287,18 @@ class EarlyExit(Pruner):
     def halts(self) -> bool:
         """True when tokens may halt (``halting`` on and ``threshold < 1``)."""
         return self.halting and self.threshold is not None and self.threshold < 1.0
+
+    @classmethod
+    def identity_config(cls) -> dict[str, Any]:
+        """``threshold=1.0``: no token halts and the prediction equals the model without the pruner."""
+        return {"threshold": 1.0}
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        """A halting configuration for untrained heads: their confidence is near ``1 / num_classes``, so a low
+        ``p0`` (0.05, below ``1 / K`` for up to 20 classes) makes every token a candidate and only the most
+        confident token of each predicted class stays live."""
+        return {"threshold": 0.05, "top_k": 1}
 
     def extra_config(self) -> dict[str, Any]:
         return {"exit_blocks": self.exit_blocks, "threshold": self.threshold, "top_k": self.top_k,

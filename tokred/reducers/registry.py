@@ -29,6 +29,9 @@ ENTRY_POINT_GROUP = "tokred.reducers"
 # name -> "module:Class"; kept as strings so importing tokred does not import every reducer.
 _BUILTINS: dict[str, str] = {
     "none": "tokred.reducers.none:NoReducer",
+    "dcts": "tokred.reducers.dcts:DCTS",
+    "cts": "tokred.reducers.dcts:CTS",
+    "tome": "tokred.reducers.tome:ToMe",
     "cropr": "tokred.reducers.cropr:Cropr",
     "early_exit": "tokred.reducers.early_exit:EarlyExit",
 }

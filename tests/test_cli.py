@@ -1,0 +1,74 @@
+"""End-to-end CLI runs on the embedded sample with timm's tiny test backbone (experiment=smoke)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tokred(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokred", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    res = _tokred("run", "experiment=smoke", f"output_dir={out}", "run_name=smoke")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_run_writes_metrics_and_summary(smoke_run):
+    out, res = smoke_run
+    run_dir = out / "smoke"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("miou", "per_class_iou", "pixel_accuracy", "gflops", "tokens_per_block", "git_commit"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert set(metrics["per_class_iou"]) >= {"Sky", "Road", "Bicyclist"}
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "last.pth").is_file()
+    assert "mIoU (%)" in res.stdout and str(run_dir) in res.stdout
+
+
+def test_existing_run_dir_is_never_overwritten(smoke_run):
+    out, _ = smoke_run
+    before = (out / "smoke" / "metrics.json").read_text()
+    res = _tokred("run", "experiment=smoke", f"output_dir={out}", "run_name=smoke", "eval.bench=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "smoke-2" / "metrics.json").is_file()
+    assert (out / "smoke" / "metrics.json").read_text() == before
+
+
+def test_eval_of_checkpoint(smoke_run):
+    out, _ = smoke_run
+    ckpt = out / "smoke" / "last.pth"
+    res = _tokred("eval", "experiment=smoke", f"output_dir={out}", f"checkpoint={ckpt}", "run_name=ev",
+                  "eval.bench=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = json.loads((out / "smoke" / "metrics.json").read_text())
+    b = json.loads((out / "ev" / "metrics.json").read_text())
+    assert b["miou"] == pytest.approx(a["miou"])
+
+
+def test_unknown_reducer_lists_valid_names(tmp_path):
+    res = _tokred("run", "experiment=smoke", f"output_dir={tmp_path}", "merger=nope")
+    assert res.returncode != 0
+    assert "nope" in res.stderr and "tome" in res.stderr
+    assert not any(tmp_path.iterdir())  # nothing written for a config that cannot compose
+
+
+def test_unknown_command_and_list():
+    res = _tokred("frobnicate")
+    assert res.returncode == 2 and "valid" in res.stderr
+    res = _tokred("list")
+    assert res.returncode == 0 and "none" in res.stdout and "distribution" in res.stdout
+
+
+def test_resume_without_run_fails_clearly(tmp_path):
+    res = _tokred("run", "experiment=smoke", f"output_dir={tmp_path}", "run_name=ghost", "resume=true")
+    assert res.returncode != 0 and "last.pth" in res.stderr

@@ -1,0 +1,263 @@
+"""ToMe: Token Merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023), for dense prediction.
+
+Between the attention and the MLP of every block (paper Sec. 3, Fig. 1), ``r_i`` tokens are merged away by
+bipartite soft matching on the attention keys, and merged tokens carry their size (patches per token) for
+the size-weighted mean and for proportional attention (``log(size)`` added to every key's attention logit).
+
+What tokred does differently from the reference code, and why:
+    * The reference code swaps each timm block's ``__class__`` and copies its forward; on current timm that
+      drops LayerScale (outputs change even at r = 0) and keeps per-forward state in a shared list (breaks
+      gradient checkpointing). Here the encoder owns the loop over the unmodified blocks and calls
+      ``ToMe.on_attention``; all per-forward data lives in the ``TokenState``.
+    * Dense prediction needs every patch back: instead of a dense ``[B, N, N0]`` source matrix, the state's
+      token map ``[B, N0]`` is composed with every merge (one gather), and ``TokenState.restore`` gives each
+      patch the features of the token it was merged into.
+    * Tokens keep their relative (raster) order after a merge instead of the reference's "unmerged A by
+      similarity, then B" order (see ``bipartite_soft_matching``), so the next block's alternating A/B split
+      still alternates over spatial neighbours and the output is deterministic.
+    * Padding (images in a batch holding different token counts after a pruner) is supported: padded slots
+      neither merge nor receive merges, and each image clips its own ``r`` (so a batch equals its singles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokred.reducers.base import BackboneInfo, Merger
+from tokred.schedules import Constant, Explicit, Linear, Schedule, Warmup, build_schedule
+from tokred.state import TokenState
+
+if TYPE_CHECKING:
+    from tokred.encoder import EmbedContext
+
+__all__ = ["MergeAssignment", "bipartite_soft_matching", "ToMe"]
+
+
+@dataclass(frozen=True)
+class MergeAssignment:
+    """Result of a matching: where every token goes, for ``TokenState.merge(x, assign, n_out)``.
+
+    Attributes:
+        assign: ``[B, N]`` (long) output slot of every token, in ``[0, n_out)``.
+        n_out: ``N'``, output slots (``N - min_b num_merged[b]``).
+        num_merged: ``[B]`` (long) tokens merged away in each image (the image's clipped ``r``).
+        max_merged: ``max_b num_merged[b]`` as a Python int (0: the assignment is the identity).
+    """
+
+    assign: Tensor
+    n_out: int
+    num_merged: Tensor
+    max_merged: int
+
+
+def _identity(batch: int, n: int, device: torch.device) -> MergeAssignment:
+    assign = torch.arange(n, device=device).expand(batch, n)
+    return MergeAssignment(assign, n, torch.zeros(batch, dtype=torch.long, device=device), 0)
+
+
+@torch.no_grad()
+def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0,
+                            valid: Tensor | None = None) -> MergeAssignment:
+    """Bipartite soft matching of ToMe (Bolya et al., ICLR 2023, Sec. 3 "Token Merging", Fig. 1).
+
+    Pure function, computed under ``no_grad``: apply the result with ``TokenState.merge`` (or
+    ``tokred.state.merge_tokens``) to any tensor aligned with the tokens.
+
+    Steps, per image:
+        1. The first ``num_protected`` tokens (class token, registers) take no part and keep slots ``[0, P)``.
+        2. The other ``M = N - P`` tokens split alternately: set A = even positions ``0, 2, ...`` among
+           them (``ceil(M / 2)`` tokens), set B = odd positions (``floor(M / 2)`` tokens).
+        3. Cosine similarity of the metric between every A and every B token (one batched matmul); each A
+           token's best B match (on ties the first B token).
+        4. The ``r_b`` A tokens with the highest best-match similarity (ties: the earlier A token) are
+           merged into their B partners; several A tokens may share a partner.
+
+    ``r_b = min(r, valid A tokens, valid B tokens)``: without padding that is ToMe's "at most half the
+    mergeable tokens", ``min(r, floor(M / 2))``. Padded slots (``valid`` False) get similarity ``-inf``
+    as A rows and B columns, so they are never merged into a valid token nor receive one.
+
+    Output order (deterministic): prefix tokens at ``[0, P)``, then the surviving valid tokens (every B
+    token and every unmerged A token) in their original relative order, then the surviving padded slots in
+    their order, then, for images that merged more than ``min_b r_b`` tokens, empty trailing slots that
+    receive no token (``TokenState.merge`` marks them invalid). A merged A token goes to its partner's slot.
+
+    Args:
+        metric: ``[B, N, D]`` per-token matching features (ToMe: attention keys averaged over heads).
+        r: tokens to merge away per image (ToMe's ``r``), clipped as above.
+        num_protected: ``P``, leading tokens never merged.
+        valid: ``[B, N]`` (bool) False for padding slots, or None when every slot is valid.
+
+    Returns:
+        ``MergeAssignment`` with ``assign [B, N]``, ``n_out``, ``num_merged [B]``.
+
+    Raises:
+        ValueError: ``r < 0`` or ``num_protected`` outside ``[0, N]``.
+    """
+    B, N, _ = metric.shape
+    P = int(num_protected)
+    if r < 0:
+        raise ValueError(f"r must be >= 0 (tokens merged away), got {r}")
+    if not 0 <= P <= N:
+        raise ValueError(f"num_protected must be in [0, N={N}], got {num_protected}")
+    device = metric.device
+    n_a, n_b = (N - P + 1) // 2, (N - P) // 2
+    if r == 0 or n_b == 0:
+        return _identity(B, N, device)
+    m = F.normalize(metric[:, P:].float(), dim=-1)  # [B, M, D]
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, nA, nB] cosine similarity A x B
+    if valid is None:
+        r_const = min(int(r), n_b)
+        num_merged = torch.full((B,), r_const, dtype=torch.long, device=device)
+        r_min = r_max = r_const
+        valid_full = torch.ones(B, N, dtype=torch.bool, device=device)
+    else:
+        valid_a, valid_b = valid[:, P::2], valid[:, P + 1::2]  # [B, nA], [B, nB]
+        scores = scores.masked_fill(~valid_b[:, None, :], float("-inf"))
+        scores = scores.masked_fill(~valid_a[:, :, None], float("-inf"))
+        num_merged = torch.minimum(valid_a.sum(1), valid_b.sum(1)).clamp(max=int(r))  # [B]
+        r_min, r_max = torch.stack([num_merged.min(), num_merged.max()]).tolist()
+        valid_full = valid
+        if r_max == 0:
+            return _identity(B, N, device)
+    best, partner = scores.max(dim=-1)  # [B, nA] best similarity, index of the best B token
+    order = best.argsort(dim=1, descending=True, stable=True)  # [B, nA]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=device).expand(B, n_a))
+    merged_a = rank < num_merged[:, None]  # [B, nA] the r_b best-matched A tokens
+    merged = torch.zeros(B, N, dtype=torch.bool, device=device)
+    merged[:, P::2] = merged_a
+    # output slots of the survivors: valid ones first (cumulative count), then padded ones
+    keep_valid = ~merged & valid_full  # [B, N]
+    keep_pad = ~merged & ~valid_full
+    slot = torch.where(keep_valid, keep_valid.cumsum(1) - 1,
+                       keep_valid.sum(1, keepdim=True) + keep_pad.cumsum(1) - 1)  # [B, N]
+    partner_slot = slot.gather(1, P + 1 + 2 * partner)  # [B, nA] slot of each A token's B partner
+    assign = slot.clone()
+    assign[:, P::2] = torch.where(merged_a, partner_slot, slot[:, P::2])
+    return MergeAssignment(assign, N - r_min, num_merged, r_max)
+
+
+def _uses_num_tokens(schedule: Schedule) -> bool:
+    """Whether the schedule's budgets depend on the token count (True for unknown schedule types)."""
+    if isinstance(schedule, (Constant, Linear, Explicit)):
+        return False
+    if isinstance(schedule, Warmup):
+        return _uses_num_tokens(schedule.inner)
+    return True
+
+
+class ToMe(Merger):
+    """Token Merging (Bolya et al., ICLR 2023, Sec. 3) between attention and MLP of every block.
+
+    In block ``i`` (0-based) the state's tokens are matched on the block's attention keys averaged over
+    heads ``[B, N, head_dim]`` and ``r_i`` of them are merged away by size-weighted mean
+    (``bipartite_soft_matching`` + ``TokenState.merge``); ``r_i`` comes from ``schedule`` (ToMe Sec. 4
+    "token schedules": constant, ``(r, inflection)`` linear ramp, explicit list) and is clipped per image
+    to half the mergeable tokens. Prefix tokens are never merged. Every patch stays live: ``restore`` gives
+    each patch its merged token's features.
+
+    Documented choices:
+        * Schedules that depend on the token count (``keep_ratio``) see the valid patch tokens entering
+          block 0, the maximum over the batch when images differ (this reads the count back from the
+          device once per block; constant, linear and explicit schedules need no read-back).
+        * Proportional attention (Sec. 3 "Tracking token size") is switched on in ``on_embed``; it adds
+          ``log(size)`` per key, 0 while no token is merged. With ``proportional_attention=False`` ToMe
+          leaves the state's flag as it found it.
+        * With padding each image merges its own clipped ``r_b``; images that merge more hold empty
+          trailing (invalid) slots until the batch's token count catches up.
+        * Each merge adds the per-image count to ``state.stats["merged"]`` ``[B]``.
+
+    Args:
+        r: tokens merged away per block (the base budget of ``schedule``).
+        schedule: budget schedule; None -> ``Constant(r)``; a Mapping -> ``build_schedule(r=r, **mapping)``
+            (a mapping's own ``r`` wins); or a ``Schedule``.
+        proportional_attention: add ``log(size)`` to every key's attention logit (ToMe Eq. 1).
+
+    Raises:
+        ValueError: ``r < 0``, ``schedule`` of another type, or a schedule spec ``build_schedule`` rejects
+            (e.g. a keep_ratio outside (0, 1]); in ``setup``, a schedule that does not fit the backbone's
+            depth (e.g. an explicit list longer than depth).
+    """
+
+    def __init__(self, r: int = 8, schedule: Schedule | Mapping[str, Any] | None = None,
+                 proportional_attention: bool = True) -> None:
+        super().__init__()
+        if r < 0:
+            raise ValueError(f"ToMe r must be >= 0 (tokens merged away per block), got {r}")
+        self.r = int(r)
+        if schedule is None:
+            self.schedule: Schedule = Constant(self.r)
+        elif isinstance(schedule, Schedule):
+            self.schedule = schedule
+        elif isinstance(schedule, Mapping):
+            spec = dict(schedule)
+            spec.setdefault("r", self.r)
+            self.schedule = build_schedule(**spec)
+        else:
+            raise ValueError(f"ToMe schedule must be a Schedule, a mapping (e.g. {{'kind': 'linear', "
+                             f"'inflection': -1}}) or None, got {type(schedule).__name__}")
+        self.proportional_attention = bool(proportional_attention)
+        self._schedule_uses_num_tokens = _uses_num_tokens(self.schedule)
+
+    def setup(self, info: BackboneInfo) -> None:
+        """Checks the schedule against the backbone's depth.
+
+        Raises:
+            ValueError: the schedule does not fit ``info.depth`` (raised by the schedule).
+        """
+        super().setup(info)
+        self.schedule.budgets(info.depth, info.grid_size[0] * info.grid_size[1], 1.0)
+
+    def extra_config(self) -> dict[str, Any]:
+        return {"r": self.r, "schedule": self.schedule.config(), "proportional_attention": self.proportional_attention}
+
+    @classmethod
+    def identity_config(cls) -> dict[str, Any]:
+        return {"r": 0}
+
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        return {"r": 8}  # 80 patch tokens on test_vit's 8 x 10 grid -> 32 after 6 blocks
+
+    def budgets(self, num_tokens: int) -> list[int]:
+        """Per-block budgets ``r_i`` (tokens merged away in 0-based block i) at the current ``progress``.
+
+        Args:
+            num_tokens: patch tokens entering block 0.
+
+        Raises:
+            RuntimeError: ``setup`` has not been called (the depth is unknown).
+        """
+        if self.info is None:
+            raise RuntimeError("ToMe.setup(info) must be called before the forward (build_segmenter does it)")
+        return self.schedule.budgets(self.info.depth, num_tokens, self.progress)
+
+    def on_embed(self, x: Tensor, state: TokenState, ctx: EmbedContext) -> tuple[Tensor, TokenState]:
+        if self.proportional_attention and not state.proportional_attention:
+            state = replace(state, proportional_attention=True)
+        return x, state
+
+    def on_attention(self, block: int, x: Tensor, state: TokenState, keys: Tensor) -> tuple[Tensor, TokenState]:
+        """Merges ``r_block`` tokens of ``x`` ``[B, N, C]`` matched on ``keys`` ``[B, num_heads, N, head_dim]``.
+
+        Returns:
+            ``(x' [B, N', C], state)`` with ``N' <= N``.
+        """
+        if self._schedule_uses_num_tokens:
+            counts = state.tokens_per_block[0] if state.tokens_per_block else state.live_patch_tokens()
+            num_tokens = int(counts.max())
+        else:
+            num_tokens = state.num_patches  # unused by the schedule
+        r = self.budgets(num_tokens)[block]
+        if r == 0:
+            return x, state
+        match = bipartite_soft_matching(keys.mean(1), r, state.num_prefix_tokens, state.valid)  # keys: [B, N, hd]
+        if match.max_merged == 0:
+            return x, state
+        x, state = state.merge(x, match.assign, match.n_out)
+        return x, state.add_stat("merged", match.num_merged)
