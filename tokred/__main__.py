@@ -33,20 +33,7 @@ def config_dir() -> str:
 def _jobs():
     from tokred import cli
 
-    jobs = {"run": cli.run_job, "eval": cli.eval_job}
-    try:
-        from tokred.measure.bench import bench_job
-
-        jobs["bench"] = bench_job
-    except ImportError:  # measurement extras not installed
-        pass
-    try:
-        from tokred.policy.cli import train_policy_job
-
-        jobs["train-policy"] = train_policy_job
-    except ImportError:
-        pass
-    return jobs
+    return {"run": cli.run_job, "eval": cli.eval_job, "bench": cli.bench_job, "train-policy": cli.train_policy_job}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ from tokred.engine.distributed import init_distributed, is_main_process, world_s
 from tokred.models.segmenter import Segmenter, build_segmenter
 from tokred.reducers.registry import available_reducers, get_reducer_class
 
-__all__ = ["build_model_from_config", "resolve_device", "run_job", "eval_job", "list_job", "method_name"]
+__all__ = ["bench_job", "build_model_from_config", "eval_job", "list_job", "method_name", "resolve_device", "run_job",
+           "train_policy_job"]
 
 log = logging.getLogger("tokred")
 
@@ -115,6 +116,8 @@ def _new_run_dir(cfg: DictConfig) -> Path:
     if not re.fullmatch(r"[\w.+=,-]+", name):
         raise ValueError(f"run_name {name!r} may only hold letters, digits and . + = , - _")
     base = Path(cfg.output_dir) / name
+    if cfg.existing_run not in ("new", "skip_or_resume"):
+        raise ValueError(f"existing_run must be 'new' or 'skip_or_resume', got {cfg.existing_run!r}")
     if cfg.resume:
         if not (base / "last.pth").is_file():
             raise FileNotFoundError(f"resume=true but {base / 'last.pth'} does not exist; drop resume or set "
@@ -300,19 +303,99 @@ def _assemble_metrics(cfg: DictConfig, model: Segmenter, measured: dict[str, Any
                "train": c["train"], "eval": c["eval"], "world_size": world_size(), **extra})
 
 
+_POLICY_MERGERS = ("dcts", "cts")
+
+
+def _policy_path(cfg: DictConfig) -> Path:
+    """Where the trained policy for this dataset, crop, policy backbone and levels lives."""
+    if cfg.policy.out:
+        return Path(cfg.policy.out)
+    h, w = cfg.dataset.crop_size
+    levels = cfg.merger.get("levels") or [2]
+    name = (f"{cfg.dataset.name}_{h}x{w}_{cfg.merger.policy_backbone}_L{'-'.join(str(v) for v in levels)}"
+            f".safetensors")
+    return Path("results/cache/policy") / name
+
+
+def train_policy_job(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m tokred train-policy merger=dcts [dataset=...]``: trains the superpatch policy network on
+    ground-truth window uniformity (methods.md Sec. 1-2), reports per-level precision/recall on the eval split,
+    and saves it (never over an existing file)."""
+    from tokred.policy import build_policy, train_policy
+
+    if cfg.merger.name not in _POLICY_MERGERS:
+        raise ValueError(f"train-policy needs merger=dcts or merger=cts, got merger={cfg.merger.name}")
+    out = _policy_path(cfg)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; delete it or pass policy.out=OTHER_PATH")
+    _seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    levels = list(cfg.merger.get("levels") or [2])
+    policy = build_policy(levels, int(cfg.model.patch_size), cfg.merger.policy_backbone)
+    res = train_policy(_datasets(cfg, train=True), _datasets(cfg, train=False), policy, int(cfg.policy.epochs),
+                       lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size), device=device, out_path=out,
+                       thresholds=OmegaConf.to_container(cfg.merger.thresholds, resolve=True)
+                       if cfg.merger.get("thresholds") is not None else None,
+                       num_workers=int(cfg.train.num_workers), max_steps=cfg.policy.max_steps, seed=int(cfg.seed))
+    sys.stdout.write(dump_json({k: v for k, v in res.items() if k != "history"}) + "\n")
+    return res
+
+
+def _ensure_policy(cfg: DictConfig) -> None:
+    """For ``merger=dcts|cts policy=cnn`` without a checkpoint: reuse the cached trained policy, or train it
+    first (``policy.reuse=false`` always trains a fresh one at ``policy.out``)."""
+    m = cfg.merger
+    if m.name not in _POLICY_MERGERS or m.get("policy") != "cnn" or m.get("policy_checkpoint"):
+        return
+    path = _policy_path(cfg)
+    if not (path.exists() and cfg.policy.reuse):
+        log.info("training the %s policy network first -> %s", m.name, path)
+        if path.exists():
+            raise FileExistsError(f"policy.reuse=false but {path} exists; pass policy.out=NEW_PATH")
+        train_policy_job(cfg)
+    else:
+        log.info("reusing trained policy %s", path)
+    OmegaConf.set_struct(cfg, False)
+    cfg.merger.policy_checkpoint = str(path)
+    OmegaConf.set_struct(cfg, True)
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory."""
     from tokred.results import write_metrics
 
     _seed_everything(int(cfg.seed))
     device = init_distributed(resolve_device(cfg.device))
-    model = build_model_from_config(cfg).to(device)  # validates names before any file is written
+    build_model_from_config(cfg)  # validates names and parameters before anything is trained or written
+    if cfg.existing_run == "skip_or_resume":
+        existing = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg))
+        if (existing / "metrics.json").is_file():
+            log.info("skipping finished run %s", existing)
+            return json.loads((existing / "metrics.json").read_text())
+        if (existing / "last.pth").is_file():
+            OmegaConf.set_struct(cfg, False)
+            cfg.resume = True
+            OmegaConf.set_struct(cfg, True)
+            log.info("resuming interrupted run %s", existing)
+    if is_main_process():
+        _ensure_policy(cfg)
+    model = build_model_from_config(cfg).to(device)
     run_dir = _new_run_dir(cfg) if is_main_process() else Path(cfg.output_dir)
     if is_main_process():
         _setup_file_logging(run_dir)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory %s", run_dir)
     extra: dict[str, Any] = {"run_dir": str(run_dir)}
+    if cfg.init_from and not cfg.resume:
+        missing, unexpected = model.load_state_dict(load_checkpoint(cfg.init_from)["model"], strict=False)
+        if unexpected:
+            raise ValueError(f"init_from={cfg.init_from} holds weights this model lacks ({unexpected[:5]}); "
+                             "is it a checkpoint of another model or decoder?")
+        if any(k.startswith(("encoder.vit.", "decoder.")) for k in missing):
+            raise ValueError(f"init_from={cfg.init_from} lacks backbone/decoder weights "
+                             f"({[k for k in missing if k.startswith(('encoder.vit.', 'decoder.'))][:5]})")
+        log.info("initialised from %s (%d reducer tensors keep their init)", cfg.init_from, len(missing))
+        extra["init_from"] = str(cfg.init_from)
     if cfg.checkpoint:
         model.load_state_dict(load_checkpoint(cfg.checkpoint)["model"])
         extra["checkpoint"] = str(cfg.checkpoint)
@@ -324,6 +407,110 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     metrics = _assemble_metrics(cfg, model, measured, extra)
     write_metrics(run_dir / "metrics.json", metrics)
     _print_summary(run_dir, metrics)
+    return metrics
+
+
+class _TimmEncoder(torch.nn.Module):
+    """The plain timm encoder (``forward_features``), the reference of ``bench.reference=timm``."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(image)
+
+
+class _TokredEncoder(torch.nn.Module):
+    """tokred's encoder loop alone (no decoder), to compare with ``_TimmEncoder``."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder(image)[0]
+
+
+def bench_job(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m tokred bench [overrides]``: GFLOPs and im/s of a configuration next to a reference model,
+    measured side by side (interleaved repeats) in one process, written to ``results/bench/<name>/``.
+
+    ``bench.reference=none`` compares with the unreduced pipeline (speedup, GFLOPs ratio, efficiency);
+    ``bench.reference=timm`` compares tokred's encoder loop with timm's own ``forward_features`` (the
+    overhead of the loop; run it with ``merger=none pruner=none``).
+    """
+    from tabulate import tabulate
+
+    from tokred.measure import compare, count_gflops, provenance
+    from tokred.results import assemble_metrics, write_metrics
+
+    _seed_everything(int(cfg.seed))
+    b = cfg.bench
+    device = resolve_device(cfg.device)
+    model = build_model_from_config(cfg).eval()
+    if cfg.checkpoint:
+        model.load_state_dict(load_checkpoint(cfg.checkpoint)["model"])
+    crop = tuple(cfg.dataset.crop_size)
+    n_img = max(int(b.batch_size), int(b.flops_images))
+    if b.inputs == "real":
+        images = _eval_images(_datasets(cfg, train=False), n_img, crop)
+    elif b.inputs == "random":
+        images = torch.randn(n_img, 3, *crop, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    else:
+        raise ValueError(f"bench.inputs must be 'real' or 'random', got {b.inputs!r}")
+    if b.reference == "timm":
+        if method_name(cfg) != "none":
+            raise ValueError("bench.reference=timm measures tokred's loop overhead; use merger=none pruner=none")
+        subject, reference = _TokredEncoder(model.encoder), _TimmEncoder(model.encoder.vit)
+        gflops = base_gflops = None
+    elif b.reference == "none":
+        subject, reference = model, _baseline_like(cfg, model)
+        gflops = count_gflops(model, images[: int(b.flops_images)]) if int(b.flops_images) > 0 else None
+        base_gflops = count_gflops(reference, images[:1]) if gflops is not None else None
+        if gflops is not None:
+            gflops["baseline_gflops"] = base_gflops["gflops"]
+            gflops["gflops_ratio"] = base_gflops["gflops"] / gflops["gflops"]
+    else:
+        raise ValueError(f"bench.reference must be 'none' or 'timm', got {b.reference!r}")
+    throughput = compare(subject, reference, int(b.batch_size), crop, device=str(device), precision=b.precision,
+                         warmup=int(b.warmup), repeats=int(b.repeats), threads=b.threads,
+                         gflops_reduced=None if gflops is None else gflops["gflops"],
+                         gflops_baseline=None if base_gflops is None else base_gflops["gflops"],
+                         inputs=images[: int(b.batch_size)])
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    metrics = assemble_metrics(
+        model=c["model"], dataset=c["dataset"], crop_size=crop, decoder=c["decoder"], merger=c["merger"],
+        pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
+        quality={"miou": None, "per_class_iou": None, "pixel_accuracy": None},
+        provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
+        throughput=throughput,
+        extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
+               "gflops_ratio": None if gflops is None else gflops["gflops_ratio"],
+               "reference_images_per_second": throughput["baseline"]["images_per_second"]})
+    name = b.run_name or f"bench_{default_run_name(cfg)}_b{b.batch_size}_{b.precision}_vs-{b.reference}"
+    base = Path(b.output_dir) / name
+    out_dir, k = base, 1
+    while out_dir.exists():
+        k += 1
+        out_dir = base.with_name(f"{name}-{k}")
+    out_dir.mkdir(parents=True)
+    write_metrics(out_dir / "metrics.json", metrics)
+    red, ref = throughput["reduced"], throughput["baseline"]
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [["configuration", method_name(cfg), f"reference: {b.reference}"],
+            ["GFLOPs / image", fmt(None if gflops is None else gflops["gflops"]),
+             fmt(None if base_gflops is None else base_gflops["gflops"])],
+            ["im/s (median)", fmt(red["images_per_second"]), fmt(ref["images_per_second"])],
+            ["latency / batch (ms)", fmt(1000 * b.batch_size / red["images_per_second"]),
+             fmt(1000 * b.batch_size / ref["images_per_second"])],
+            ["peak memory (MiB)", fmt(red["peak_memory_mib"]), fmt(ref["peak_memory_mib"])],
+            ["speedup", fmt(throughput["speedup"]), ""], ["GFLOPs ratio", fmt(throughput["gflops_ratio"]), ""],
+            ["efficiency", fmt(throughput["efficiency"]), ""]]
+    sys.stdout.write(tabulate(rows, tablefmt="simple") + "\n")
+    sys.stdout.write(f"{red['device_name']} ({red['device']}), {b.precision}, batch {b.batch_size}, "
+                     f"{red['threads']} threads, {crop[0]}x{crop[1]} px; results: {out_dir}\n")
     return metrics
 
 

@@ -153,7 +153,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], num_clas
                 st = stride or (crop[0] * 2 // 3, crop[1] * 2 // 3)
                 logits = slide_inference(model, image, crop, st, num_classes, on_state)
             else:
-                out = model(image)
+                out = model(image, label)  # only oracle policies read the label (an upper-bound baseline)
                 if on_state is not None:
                     on_state(out.state)
                 logits = out.logits
