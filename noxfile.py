@@ -30,3 +30,35 @@ def bench(session: nox.Session) -> None:
     """
     _sync(session)
     session.run("python", "-m", "tokred", "bench", *session.posargs, env={"PYTHONUNBUFFERED": "1", **os.environ})
+
+
+@nox.session
+def ablations(session: nox.Session) -> None:
+    """The apples-to-apples ablation grid: ``nox -s ablations [-- GRID [overrides]]`` (default grid camvid_cpu).
+
+    Runs ``python -m tokred ablate grid=GRID [overrides]``: validates every cell, trains (or reuses) the baseline,
+    runs the cells through one Hydra multirun (finished runs are skipped, interrupted ones resume) and writes
+    ``results/ablations/<protocol>/summary.{csv,md}`` with the Pareto plots. Examples::
+
+        nox -s ablations                                    # camvid_cpu: ViT-Tiny 384x512 on ../shared/data/CamVid
+        nox -s ablations -- camvid_gpu dataset.root=/data/CamVid
+        nox -s ablations -- camvid_cpu grid.finetune_epochs=3 'grid.seeds=[0,1,2]'
+
+    On a SLURM cluster the same grid runs one job per cell through Hydra's submitit launcher (installed into
+    the session with ``pip install hydra-submitit-launcher``)::
+
+        nox -s ablations -- camvid_gpu hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
+            hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=240
+
+    Several GPUs for one run: train that cell with torchrun, and ``ablate`` picks up its finished run::
+
+        torchrun --nproc_per_node=4 -m tokred run hydra.searchpath=[file://$PWD/results/ablations/<protocol>/configs] \\
+            experiment=ablation/<cell> <the protocol overrides from protocol.json>
+    """
+    _sync(session)
+    args = list(session.posargs)
+    grid = args.pop(0) if args and "=" not in args[0] else "camvid_cpu"
+    if any(a.startswith("hydra/launcher=submitit") for a in args):
+        session.install("hydra-submitit-launcher")
+    session.run("python", "-m", "tokred", "ablate", f"grid={grid}", *args,
+                env={"PYTHONUNBUFFERED": "1", **os.environ})

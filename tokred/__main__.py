@@ -10,6 +10,8 @@ Commands:
     bench         im/s, latency and memory of a configuration next to the unreduced model
     train-policy  train the dCTS superpatch policy network on ground-truth uniformity
     list          every registered reducer and where it comes from
+    ablate        the apples-to-apples grid: grid=camvid_cpu (configs/grid/); results/ablations/<protocol>/
+    viz           token-fate picture of one image: viz.image=PATH [viz.out=PNG] [checkpoint=PATH]
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def config_dir() -> str:
 
 
 def _jobs():
-    from tokred import cli
+    from tokred import ablations, cli, viz
 
-    return {"run": cli.run_job, "eval": cli.eval_job, "bench": cli.bench_job, "train-policy": cli.train_policy_job}
+    return {"run": cli.run_job, "eval": cli.eval_job, "bench": cli.bench_job, "train-policy": cli.train_policy_job,
+            "ablate": ablations.ablate_job, "viz": viz.viz_job}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,10 +137,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_file_logging(run_dir: Path) -> None:
+def _setup_file_logging(run_dir: Path) -> logging.Handler:
+    """Adds ``run_dir/run.log`` to the root logger; the caller removes it when the run ends (several runs of
+    a Hydra multirun share one process)."""
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _datasets(cfg: DictConfig, train: bool):
@@ -332,7 +335,9 @@ def train_policy_job(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     levels = list(cfg.merger.get("levels") or [2])
     policy = build_policy(levels, int(cfg.model.patch_size), cfg.merger.policy_backbone)
-    res = train_policy(_datasets(cfg, train=True), _datasets(cfg, train=False), policy, int(cfg.policy.epochs),
+    d = cfg.dataset
+    val = build_dataset(d.name, d.root, cfg.policy.val_split, tuple(d.crop_size), train=False)
+    res = train_policy(_datasets(cfg, train=True), val, policy, int(cfg.policy.epochs),
                        lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size), device=device, out_path=out,
                        thresholds=OmegaConf.to_container(cfg.merger.thresholds, resolve=True)
                        if cfg.merger.get("thresholds") is not None else None,
@@ -381,8 +386,17 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         _ensure_policy(cfg)
     model = build_model_from_config(cfg).to(device)
     run_dir = _new_run_dir(cfg) if is_main_process() else Path(cfg.output_dir)
+    handler = _setup_file_logging(run_dir) if is_main_process() else None
+    try:
+        return _run_in_dir(cfg, model, device, run_dir)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir: Path) -> dict[str, Any]:
     if is_main_process():
-        _setup_file_logging(run_dir)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory %s", run_dir)
     extra: dict[str, Any] = {"run_dir": str(run_dir)}
@@ -463,7 +477,17 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         if method_name(cfg) != "none":
             raise ValueError("bench.reference=timm measures tokred's loop overhead; use merger=none pruner=none")
         subject, reference = _TokredEncoder(model.encoder), _TimmEncoder(model.encoder.vit)
-        gflops = base_gflops = None
+        gflops = count_gflops(model, images[: int(b.flops_images)]) if int(b.flops_images) > 0 else None
+        base_gflops = None
+        if gflops is not None:
+            from tokred.measure import analytic_vit_gflops
+
+            enc = model.encoder
+            mlp_ratio = enc.vit.blocks[0].mlp.fc1.out_features / enc.embed_dim
+            n0 = enc.grid_size_for(crop)[0] * enc.grid_size_for(crop)[1]
+            gflops["analytic_encoder_gflops"] = analytic_vit_gflops(enc.embed_dim, enc.depth,
+                                                                    n0 + enc.num_prefix_tokens, mlp_ratio=mlp_ratio,
+                                                                    patch_size=enc.patch_size[0], num_patches=n0)
     elif b.reference == "none":
         subject, reference = model, _baseline_like(cfg, model)
         gflops = count_gflops(model, images[: int(b.flops_images)]) if int(b.flops_images) > 0 else None
@@ -502,6 +526,8 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
     rows = [["configuration", method_name(cfg), f"reference: {b.reference}"],
             ["GFLOPs / image", fmt(None if gflops is None else gflops["gflops"]),
              fmt(None if base_gflops is None else base_gflops["gflops"])],
+            ["  of which encoder", fmt(None if gflops is None else gflops["by_module"]["encoder"]),
+             fmt(None if gflops is None else gflops.get("analytic_encoder_gflops"))],
             ["im/s (median)", fmt(red["images_per_second"]), fmt(ref["images_per_second"])],
             ["latency / batch (ms)", fmt(1000 * b.batch_size / red["images_per_second"]),
              fmt(1000 * b.batch_size / ref["images_per_second"])],
