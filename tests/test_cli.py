@@ -72,3 +72,41 @@ def test_unknown_command_and_list():
 def test_resume_without_run_fails_clearly(tmp_path):
     res = _tokred("run", "experiment=smoke", f"output_dir={tmp_path}", "run_name=ghost", "resume=true")
     assert res.returncode != 0 and "last.pth" in res.stderr
+
+
+def test_bench_side_by_side_and_loop_overhead(tmp_path):
+    common = ["experiment=smoke", "bench.repeats=2", "bench.warmup=1", "bench.batch_size=1", "bench.flops_images=1",
+              f"bench.output_dir={tmp_path}", "bench.inputs=random"]
+    res = _tokred("bench", *common, "merger=tome", "merger.r=8", "bench.run_name=tome")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "tome" / "metrics.json").read_text())
+    assert m["gflops"] < m["gflops_detail"]["baseline_gflops"]  # ToMe r=8 removes tokens: fewer GFLOPs
+    assert m["gflops_ratio"] == pytest.approx(m["gflops_detail"]["baseline_gflops"] / m["gflops"])
+    assert m["speedup"] > 0 and m["efficiency"] == pytest.approx(m["speedup"] / m["gflops_ratio"])
+    assert m["batch_size"] == 1 and m["precision"] == "fp32" and m["device"]
+    res = _tokred("bench", *common, "bench.reference=timm", "bench.run_name=loop")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "loop" / "metrics.json").read_text())
+    assert m["reference"] == "timm" and m["reference_images_per_second"] > 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_bench_on_missing_device_names_it(tmp_path):
+    res = _tokred("bench", "experiment=smoke", "device=cuda:3", f"bench.output_dir={tmp_path}")
+    assert res.returncode != 0 and "cuda:3" in res.stderr and "available" in res.stderr
+
+
+def test_train_policy_then_run_reuses_it(tmp_path):
+    pol = tmp_path / "policy.safetensors"
+    res = _tokred("train-policy", "experiment=smoke", "merger=dcts", f"policy.out={pol}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert pol.is_file() and pol.with_suffix(".json").is_file()
+    mtime = pol.stat().st_mtime_ns
+    again = _tokred("train-policy", "experiment=smoke", "merger=dcts", f"policy.out={pol}")
+    assert again.returncode != 0 and "exists" in again.stderr  # never overwritten
+    res = _tokred("run", "experiment=smoke", "merger=dcts", "pruner=early_exit", f"policy.out={pol}",
+                  f"output_dir={tmp_path / 'runs'}", "run_name=step", "eval.bench=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reusing trained policy" in res.stderr + res.stdout and pol.stat().st_mtime_ns == mtime
+    m = json.loads((tmp_path / "runs" / "step" / "metrics.json").read_text())
+    assert m["merger"]["policy_checkpoint"] == str(pol) and m["method"] == "dcts+early_exit"

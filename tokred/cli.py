@@ -367,8 +367,6 @@ def _ensure_policy(cfg: DictConfig) -> None:
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory."""
-    from tokred.results import write_metrics
-
     _seed_everything(int(cfg.seed))
     device = init_distributed(resolve_device(cfg.device))
     build_model_from_config(cfg)  # validates names and parameters before anything is trained or written
@@ -396,6 +394,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    from tokred.results import write_metrics
+
     if is_main_process():
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory %s", run_dir)
@@ -511,7 +511,7 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
         throughput=throughput,
         extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
-               "gflops_ratio": None if gflops is None else gflops["gflops_ratio"],
+               "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
                "reference_images_per_second": throughput["baseline"]["images_per_second"]})
     name = b.run_name or f"bench_{default_run_name(cfg)}_b{b.batch_size}_{b.precision}_vs-{b.reference}"
     base = Path(b.output_dir) / name
