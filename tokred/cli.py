@@ -513,7 +513,9 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
                "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
                "reference_images_per_second": throughput["baseline"]["images_per_second"]})
-    name = b.run_name or f"bench_{default_run_name(cfg)}_b{b.batch_size}_{b.precision}_vs-{b.reference}"
+    h, w = crop
+    name = b.run_name or (f"bench_{method_name(cfg)}_{str(cfg.model.name).replace('_', '-')}_{cfg.decoder.name}_"
+                          f"{cfg.dataset.name}-{h}x{w}_b{b.batch_size}_{b.precision}_vs-{b.reference}")
     base = Path(b.output_dir) / name
     out_dir, k = base, 1
     while out_dir.exists():
