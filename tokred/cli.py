@@ -497,6 +497,15 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
             gflops["gflops_ratio"] = base_gflops["gflops"] / gflops["gflops"]
     else:
         raise ValueError(f"bench.reference must be 'none' or 'timm', got {b.reference!r}")
+    tokens = None
+    if int(b.flops_images) > 0:  # token accounting on the same real images (counts depend on content)
+        from tokred.measure import TokenAccounting
+
+        acct = TokenAccounting()
+        with torch.inference_mode():
+            for img in images[: int(b.flops_images)].split(1):
+                acct.update(model(img).state)
+        tokens = acct.summary()
     throughput = compare(subject, reference, int(b.batch_size), crop, device=str(device), precision=b.precision,
                          warmup=int(b.warmup), repeats=int(b.repeats), threads=b.threads,
                          gflops_reduced=None if gflops is None else gflops["gflops"],
@@ -509,7 +518,7 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
         quality={"miou": None, "per_class_iou": None, "pixel_accuracy": None},
         provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
-        throughput=throughput,
+        throughput=throughput, tokens=tokens,
         extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
                "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
                "reference_images_per_second": throughput["baseline"]["images_per_second"]})
@@ -534,6 +543,8 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
             ["latency / batch (ms)", fmt(1000 * b.batch_size / red["images_per_second"]),
              fmt(1000 * b.batch_size / ref["images_per_second"])],
             ["peak memory (MiB)", fmt(red["peak_memory_mib"]), fmt(ref["peak_memory_mib"])],
+            ["token reduction", fmt(None if tokens is None else tokens["token_reduction"]), ""],
+            ["halted fraction", fmt(None if tokens is None else tokens["halted_fraction"]), ""],
             ["speedup", fmt(throughput["speedup"]), ""], ["GFLOPs ratio", fmt(throughput["gflops_ratio"]), ""],
             ["efficiency", fmt(throughput["efficiency"]), ""]]
     sys.stdout.write(tabulate(rows, tablefmt="simple") + "\n")
