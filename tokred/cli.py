@@ -217,11 +217,13 @@ def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.devic
 
 
 def _eval_images(ds, n: int, crop: tuple[int, int]) -> torch.Tensor:
-    """``[n, 3, H, W]`` real eval images at the crop size (cost depends on content for dynamic reducers)."""
+    """``[n, 3, H, W]`` real eval images at the crop size, spread evenly over the eval set: the cost of dynamic
+    reducers (dCTS, early exit) depends on the content, so the first few images of a sequence would not do."""
     import torch.nn.functional as F
 
-    return torch.stack([F.interpolate(ds[i % len(ds)][0][None], size=crop, mode="bilinear", align_corners=False)[0]
-                        for i in range(n)])
+    idx = np.linspace(0, len(ds) - 1, num=n).round().astype(int) if n <= len(ds) else np.arange(n) % len(ds)
+    return torch.stack([F.interpolate(ds[int(i)][0][None], size=crop, mode="bilinear", align_corners=False)[0]
+                        for i in idx])
 
 
 def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -> dict[str, Any]:

@@ -17,12 +17,12 @@ Sec. 3.4 warm-up):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
-__all__ = ["Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule", "SCHEDULES"]
+__all__ = ["as_schedule", "Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule", "SCHEDULES"]
 
 
 class Schedule:
@@ -221,3 +221,22 @@ def build_schedule(kind: str = "constant", r: int = 0, **params: Any) -> Schedul
         inner_spec.setdefault("r", r)  # an inner spec may carry its own r (e.g. from ``config()``)
         return Warmup(inner=build_schedule(**inner_spec), fraction=float(params.get("fraction", 0.5)))
     raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def as_schedule(schedule: Schedule | Mapping[str, Any] | None, r: int, owner: str = "reducer") -> Schedule:
+    """The schedule a reducer constructor was given: a ``Schedule`` as is, None -> ``Constant(r)``, a mapping
+    (a config's ``schedule:`` node) -> ``build_schedule(r=r, **mapping)`` (a mapping's own ``r`` wins).
+
+    Raises:
+        ValueError: anything else (names ``owner`` and the type given), or a bad mapping (see build_schedule).
+    """
+    if schedule is None:
+        return Constant(int(r))
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, Mapping):
+        spec = dict(schedule)
+        spec.setdefault("r", int(r))
+        return build_schedule(**spec)
+    raise ValueError(f"{owner} schedule must be a Schedule, a mapping (e.g. {{'kind': 'linear'}}) or None, "
+                     f"got {type(schedule).__name__}")

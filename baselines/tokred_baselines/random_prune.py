@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from tokred import BackboneInfo, Pruner, TokenState
-from tokred.schedules import Constant, Schedule, build_schedule
+from tokred.schedules import Schedule, as_schedule
 from tokred_baselines._tokens import first_patch
 
 __all__ = ["RandomPrune"]
@@ -63,17 +63,7 @@ class RandomPrune(Pruner):
             raise ValueError(f"random_prune r must be >= 0 (tokens removed per block), got {r}")
         if seed < 0:
             raise ValueError(f"random_prune seed must be >= 0, got {seed}")
-        if isinstance(schedule, Schedule):
-            self.schedule = schedule
-        elif schedule is None:
-            self.schedule = Constant(r)
-        elif isinstance(schedule, Mapping):
-            spec = dict(schedule)
-            spec.setdefault("r", r)
-            self.schedule = build_schedule(**spec)
-        else:
-            raise ValueError(f"random_prune schedule must be a Schedule, a mapping (e.g. {{'kind': 'linear'}}) "
-                             f"or None, got {type(schedule).__name__}")
+        self.schedule: Schedule = as_schedule(schedule, r, "random_prune")
         self.r = int(r)
         self.seed = int(seed)
         self.last_layer_fusion = bool(last_layer_fusion)

@@ -59,7 +59,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from tokred.reducers.base import BackboneInfo, Pruner
-from tokred.schedules import Constant, Schedule, build_schedule
+from tokred.schedules import Schedule, as_schedule
 from tokred.state import AuxOutput, TokenState
 
 __all__ = ["Cropr", "CroprModule"]
@@ -237,17 +237,7 @@ class Cropr(Pruner):
             raise ValueError(f"Cropr aux_weight must be >= 0, got {aux_weight}")
         if num_queries is not None and num_queries < 1:
             raise ValueError(f"Cropr num_queries must be >= 1 or null (one per patch cell), got {num_queries}")
-        if isinstance(schedule, Schedule):
-            self.schedule = schedule
-        elif schedule is None:
-            self.schedule = Constant(r)
-        elif isinstance(schedule, Mapping):
-            spec = dict(schedule)
-            spec.setdefault("r", r)
-            self.schedule = build_schedule(**spec)
-        else:
-            raise ValueError(f"Cropr schedule must be a Schedule, a mapping (e.g. {{'kind': 'warmup'}}) or None, "
-                             f"got {type(schedule).__name__}")
+        self.schedule: Schedule = as_schedule(schedule, r, "Cropr")
         self.r = int(r)
         self.blocks_config = None if blocks is None else [int(b) for b in blocks]
         if self.blocks_config is not None:

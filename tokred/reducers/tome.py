@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokred.reducers.base import BackboneInfo, Merger
-from tokred.schedules import Constant, Explicit, Linear, Schedule, Warmup, build_schedule
+from tokred.schedules import Constant, Explicit, Linear, Schedule, Warmup, as_schedule
 from tokred.state import TokenState
 
 if TYPE_CHECKING:
@@ -190,17 +190,7 @@ class ToMe(Merger):
         if r < 0:
             raise ValueError(f"ToMe r must be >= 0 (tokens merged away per block), got {r}")
         self.r = int(r)
-        if schedule is None:
-            self.schedule: Schedule = Constant(self.r)
-        elif isinstance(schedule, Schedule):
-            self.schedule = schedule
-        elif isinstance(schedule, Mapping):
-            spec = dict(schedule)
-            spec.setdefault("r", self.r)
-            self.schedule = build_schedule(**spec)
-        else:
-            raise ValueError(f"ToMe schedule must be a Schedule, a mapping (e.g. {{'kind': 'linear', "
-                             f"'inflection': -1}}) or None, got {type(schedule).__name__}")
+        self.schedule: Schedule = as_schedule(schedule, r, "ToMe")
         self.proportional_attention = bool(proportional_attention)
         self._schedule_uses_num_tokens = _uses_num_tokens(self.schedule)
 
