@@ -226,6 +226,15 @@ def _eval_images(ds, n: int, crop: tuple[int, int]) -> torch.Tensor:
                         for i in idx])
 
 
+def _eval_labels(ds, n: int, crop: tuple[int, int]) -> torch.Tensor:
+    """``[n, H, W]`` labels of the images ``_eval_images`` picks, nearest-resized to the crop."""
+    import torch.nn.functional as F
+
+    idx = np.linspace(0, len(ds) - 1, num=n).round().astype(int) if n <= len(ds) else np.arange(n) % len(ds)
+    return torch.stack([F.interpolate(ds[int(i)][1][None, None].float(), size=crop, mode="nearest")[0, 0].long()
+                        for i in idx])
+
+
 def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -> dict[str, Any]:
     """GFLOPs (fvcore, each image with its own token counts) and im/s of this model next to the unreduced
     one, measured side by side in this process on real eval images."""
@@ -236,15 +245,20 @@ def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -
     if n_flops <= 0:
         return {}
     images = _eval_images(ds, n_flops, crop)
+    reads_target = any(r.reads_target for r in model.reducers)  # oracle baselines
+    targets = _eval_labels(ds, n_flops, crop) if reads_target else None
     model.eval()
-    gflops = count_gflops(model.cpu(), images)
+    gflops = count_gflops(model.cpu(), images, targets)
     baseline = _baseline_like(cfg, model)
     base_gflops = count_gflops(baseline, images[:1])
     gflops["baseline_gflops"] = base_gflops["gflops"]
     gflops["gflops_ratio"] = base_gflops["gflops"] / gflops["gflops"]
     model.to(device)
     throughput = None
-    if cfg.eval.bench:
+    if reads_target:
+        log.info("not timing %s: it reads the ground truth (an upper bound, not a deployable model)",
+                 method_name(cfg))
+    elif cfg.eval.bench:
         bs = int(cfg.eval.bench_batch_size)
         throughput = compare(model, baseline, bs, crop, device=str(device),
                              precision="bf16" if (cfg.train.amp and device.type == "cuda") else "fp32",

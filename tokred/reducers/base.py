@@ -68,6 +68,9 @@ class Reducer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.info: BackboneInfo | None = None
+        # True when the forward reads the ground truth (oracle baselines): cost measurement then passes the
+        # labels to the GFLOPs count and skips the im/s timing, which would be meaningless.
+        self.reads_target: bool = False
         self.progress: float = 1.0  # fraction of training done, for warm-up schedules; 1.0 at inference
 
     # -- lifecycle -------------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ class DCTS(Merger):
                              "(tokred.policy.train.train_policy / `python -m tokred train-policy`); set "
                              "train_policy_jointly=false and pass policy_checkpoint")
         self.policy_kind = policy
+        self.reads_target = policy == "oracle"
         self.policy_backbone = policy_backbone
         self.policy_checkpoint = policy_checkpoint
         self.min_tokens = None if min_tokens is None else int(min_tokens)
