@@ -216,12 +216,17 @@ def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.devic
     return {"quality": quality, "tokens": acct.summary(), **_measure_cost(cfg, model, ds, device)}
 
 
+def _spread_indices(total: int, n: int) -> np.ndarray:
+    """``n`` indices spread evenly over ``range(total)`` (wrapping when ``n > total``)."""
+    return np.linspace(0, total - 1, num=n).round().astype(int) if n <= total else np.arange(n) % total
+
+
 def _eval_images(ds, n: int, crop: tuple[int, int]) -> torch.Tensor:
     """``[n, 3, H, W]`` real eval images at the crop size, spread evenly over the eval set: the cost of dynamic
     reducers (dCTS, early exit) depends on the content, so the first few images of a sequence would not do."""
     import torch.nn.functional as F
 
-    idx = np.linspace(0, len(ds) - 1, num=n).round().astype(int) if n <= len(ds) else np.arange(n) % len(ds)
+    idx = _spread_indices(len(ds), n)
     return torch.stack([F.interpolate(ds[int(i)][0][None], size=crop, mode="bilinear", align_corners=False)[0]
                         for i in idx])
 
@@ -230,7 +235,7 @@ def _eval_labels(ds, n: int, crop: tuple[int, int]) -> torch.Tensor:
     """``[n, H, W]`` labels of the images ``_eval_images`` picks, nearest-resized to the crop."""
     import torch.nn.functional as F
 
-    idx = np.linspace(0, len(ds) - 1, num=n).round().astype(int) if n <= len(ds) else np.arange(n) % len(ds)
+    idx = _spread_indices(len(ds), n)
     return torch.stack([F.interpolate(ds[int(i)][1][None, None].float(), size=crop, mode="nearest")[0, 0].long()
                         for i in idx])
 
@@ -362,12 +367,16 @@ def train_policy_job(cfg: DictConfig) -> dict[str, Any]:
     return res
 
 
-def _ensure_policy(cfg: DictConfig) -> None:
+def _ensure_policy(cfg: DictConfig) -> bool:
     """For ``merger=dcts|cts policy=cnn`` without a checkpoint: reuse the cached trained policy, or train it
-    first (``policy.reuse=false`` always trains a fresh one at ``policy.out``)."""
+    first (``policy.reuse=false`` always trains a fresh one at ``policy.out``).
+
+    Returns:
+        True when ``cfg.merger.policy_checkpoint`` was set (the model must be built again).
+    """
     m = cfg.merger
     if m.name not in _POLICY_MERGERS or m.get("policy") != "cnn" or m.get("policy_checkpoint"):
-        return
+        return False
     path = _policy_path(cfg)
     if not (path.exists() and cfg.policy.reuse):
         log.info("training the %s policy network first -> %s", m.name, path)
@@ -379,13 +388,14 @@ def _ensure_policy(cfg: DictConfig) -> None:
     OmegaConf.set_struct(cfg, False)
     cfg.merger.policy_checkpoint = str(path)
     OmegaConf.set_struct(cfg, True)
+    return True
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory."""
     _seed_everything(int(cfg.seed))
     device = init_distributed(resolve_device(cfg.device))
-    build_model_from_config(cfg)  # validates names and parameters before anything is trained or written
+    model = build_model_from_config(cfg)  # validates names and parameters before anything is written
     if cfg.existing_run == "skip_or_resume":
         existing = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg))
         if (existing / "metrics.json").is_file():
@@ -396,9 +406,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             cfg.resume = True
             OmegaConf.set_struct(cfg, True)
             log.info("resuming interrupted run %s", existing)
-    if is_main_process():
-        _ensure_policy(cfg)
-    model = build_model_from_config(cfg).to(device)
+    if is_main_process() and _ensure_policy(cfg):
+        model = build_model_from_config(cfg)  # now with the trained policy loaded
+    model = model.to(device)
     run_dir = _new_run_dir(cfg) if is_main_process() else Path(cfg.output_dir)
     handler = _setup_file_logging(run_dir) if is_main_process() else None
     try:
