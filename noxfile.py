@@ -1,4 +1,9 @@
-"""nox sessions: ``nox -s tests``, ``nox -s bench``, ``nox -s ablations`` (uv-backed, from uv.lock)."""
+"""nox sessions: ``nox -s tests``, ``nox -s bench``, ``nox -s ablations`` (uv-backed, from uv.lock).
+
+``tests`` builds its own virtualenv from the lock; ``bench`` and ``ablations`` run in the project's locked
+environment (``uv sync --frozen`` into ``.venv``, then ``uv run --frozen``), so plugins installed there (e.g.
+``tokred-baselines``) are visible to them.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,18 @@ def _sync(session: nox.Session) -> None:
     session.run_install("uv", "sync", "--frozen", env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location})
 
 
+def _project_env(session: nox.Session) -> None:
+    """Syncs the project's own ``.venv`` from uv.lock (the environment ``uv run --frozen`` uses), keeping
+    packages installed there beside the lock (plugins, hydra-submitit-launcher)."""
+    session.run("uv", "sync", "--frozen", "--inexact", external=True)  # --inexact keeps installed plugins
+
+
+def _tokred(session: nox.Session, *args: str) -> None:
+    """``uv run --frozen python -m tokred ARGS`` in the project environment."""
+    session.run("uv", "run", "--frozen", "python", "-m", "tokred", *args, external=True,
+                env={"PYTHONUNBUFFERED": "1", **os.environ})
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (CPU, a few minutes on 2 cores)."""
@@ -22,17 +39,17 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-q", *session.posargs)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Throughput/GFLOPs benchmarks against the unreduced model, side by side in one process.
 
     Pass overrides after --, e.g. ``nox -s bench -- model=vit_base dataset.crop_size=[512,512] merger=tome``.
     """
-    _sync(session)
-    session.run("python", "-m", "tokred", "bench", *session.posargs, env={"PYTHONUNBUFFERED": "1", **os.environ})
+    _project_env(session)
+    _tokred(session, "bench", *session.posargs)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def ablations(session: nox.Session) -> None:
     """The apples-to-apples ablation grid: ``nox -s ablations [-- GRID [overrides]]`` (default grid camvid_cpu).
 
@@ -44,8 +61,8 @@ def ablations(session: nox.Session) -> None:
         nox -s ablations -- camvid_gpu dataset.root=/data/CamVid
         nox -s ablations -- camvid_cpu grid.finetune_epochs=3 'grid.seeds=[0,1,2]'
 
-    On a SLURM cluster the same grid runs one job per cell through Hydra's submitit launcher (installed into
-    the session with ``pip install hydra-submitit-launcher``)::
+    On a SLURM cluster the same grid runs one job per cell through Hydra's submitit launcher (install it into
+    the project environment first: ``uv pip install hydra-submitit-launcher``)::
 
         nox -s ablations -- camvid_gpu hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
             hydra.launcher.gpus_per_node=1 hydra.launcher.timeout_min=240
@@ -55,10 +72,7 @@ def ablations(session: nox.Session) -> None:
         torchrun --nproc_per_node=4 -m tokred run hydra.searchpath=[file://$PWD/results/ablations/<protocol>/configs] \\
             experiment=ablation/<cell> <the protocol overrides from protocol.json>
     """
-    _sync(session)
+    _project_env(session)
     args = list(session.posargs)
     grid = args.pop(0) if args and "=" not in args[0] else "camvid_cpu"
-    if any(a.startswith("hydra/launcher=submitit") for a in args):
-        session.install("hydra-submitit-launcher")
-    session.run("python", "-m", "tokred", "ablate", f"grid={grid}", *args,
-                env={"PYTHONUNBUFFERED": "1", **os.environ})
+    _tokred(session, "ablate", f"grid={grid}", *args)

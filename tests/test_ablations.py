@@ -213,3 +213,21 @@ def test_pareto_front():
     quality = [0.1, 0.5, 0.4, 0.5, 0.9]
     assert pareto_front(cost, quality).tolist() == [True, True, False, True, False]
     assert pareto_front(cost, quality, lower_cost_is_better=False).tolist() == [False, True, True, True, False]
+
+
+def test_recorded_name_form_selects_the_reducer_schema(tmp_path):
+    """Cells recorded as ``pruner.name=X +pruner.r=16`` (older grids) select X like ``pruner=X``, so X's
+    schema types ``r`` (none's schema would refuse it when the generated experiment file is composed)."""
+    from hydra import compose, initialize_config_dir
+
+    from tokred.ablations.grid import write_cell_configs
+    from tokred.config import config_dir, reducer_kwargs
+
+    grid = Grid.from_mapping({"protocol": "p", "overrides": ["model=test_vit"], "reference": "old", "cells": {
+        "old": {"overrides": ["pruner.name=cropr", "+pruner.r=3"], "mode": "finetune", "budget": "r=3"}}})
+    cell = next(c for c in grid.cells if c.name == "old")
+    write_cell_configs(tmp_path, grid, [cell], tmp_path / "runs")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra.searchpath=[file://{tmp_path}]",
+                                                       "experiment=ablation/old"])
+    assert reducer_kwargs(cfg)["pruner"][0] == "cropr" and reducer_kwargs(cfg)["pruner"][1]["r"] == 3

@@ -66,13 +66,23 @@ def test_r0_reproduces_unpruned_model(train):
     assert len(out.state.aux) == (4 if train else 0)
 
 
+def _query_logits(mod: CroprModule, x: Tensor) -> Tensor:
+    """Full (unscaled) per-head logits ``[B, h, M, N]`` of every query on every token: the paper's score
+    before its sums over heads and queries."""
+    B, N, C = x.shape
+    h, hd = mod.num_heads, mod.head_dim
+    q = mod.queries.reshape(-1, h, hd).transpose(0, 1)  # [h, M, hd]
+    k = mod.keys(x).reshape(B, N, h, hd).transpose(1, 2)  # [B, h, N, hd]
+    return q.unsqueeze(0) @ k.transpose(-2, -1)
+
+
 @pytest.mark.parametrize("num_heads,key_proj,pre_norm", [(1, False, False), (2, True, True), (4, True, False)])
 def test_summed_query_score_equals_full_query_key_score(num_heads, key_proj, pre_norm):
     torch.manual_seed(0)
     mod = CroprModule(embed_dim=32, num_queries=12, num_classes=3, num_heads=num_heads, key_proj=key_proj,
                       pre_norm=pre_norm)
     x = torch.randn(2, 9, 32)
-    full = mod.query_logits(x)  # [B, h, M, N]
+    full = _query_logits(mod, x)  # [B, h, M, N]
     assert full.shape == (2, num_heads, 12, 9)
     torch.testing.assert_close(mod.score(x), full.sum((1, 2)), rtol=1e-5, atol=1e-4)
 
@@ -301,3 +311,37 @@ def test_config_file_builds_the_reducer():
     extra = reducer.extra_config()
     assert extra["r"] == cfg["r"] and extra["blocks"] == list(range(10)) and extra["num_queries"] == 256
     assert extra["schedule"] == {"kind": "constant", "r": cfg["r"]}
+
+
+# ---------------------------------------------------------------------- reference options
+
+
+def test_first_extra_removes_more_in_the_first_module_only():
+    base = _seg(r=3).eval()
+    ref = _seg(r=3, first_extra=1).eval()
+    with torch.no_grad():
+        c0, c1 = _counts(base(_images()).state), _counts(ref(_images()).state)
+    assert c1[1] == [c0[1][0] - 1] * 2  # entering block 1, after the first module (block 0)
+    assert [a[0] - b[0] for a, b in zip(c0[1:DEPTH - 1], c1[1:DEPTH - 1])] == [1] * (DEPTH - 2)  # one more, once
+    assert ref.reducers[1].extra_config()["first_extra"] == 1
+    with pytest.raises(ValueError, match="first_extra"):
+        Cropr(first_extra=-1)
+    with pytest.raises(ValueError, match="removes too many"):
+        _seg(r=5, first_extra=5)
+
+
+def test_reference_query_init_is_truncated_at_two_std():
+    C, M = 64, 400
+    std = C ** -0.5
+    torch.manual_seed(0)
+    ref = CroprModule(C, M, 3, query_init="reference").queries.detach()
+    torch.manual_seed(0)
+    normal = CroprModule(C, M, 3).queries.detach()
+    assert ref.abs().max() <= 2 * std + 1e-6
+    assert (normal.abs() > 2 * std).float().mean() > 0.02  # about 4.6% of a normal lie beyond 2 std
+    assert 0.7 * std < float(ref.std()) < std  # truncation lowers the spread a little
+    with pytest.raises(ValueError, match="query_init"):
+        Cropr(query_init="xavier")
+    seg = _seg(r=2, query_init="reference")
+    assert all(m.queries.abs().max() <= 2 * seg.encoder.embed_dim ** -0.5 + 1e-6
+               for m in seg.reducers[1].cropr_modules)

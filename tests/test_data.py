@@ -390,3 +390,96 @@ def test_full_camvid_split_sizes() -> None:
     image, label = sets["test"][0]
     assert image.shape == (3, 360, 480) and label.shape == (360, 480)
     assert set(label.unique().tolist()) <= CAMVID_VALUES
+
+
+# Specs and the registry ------------------------------------------------------------------------
+
+
+def test_builtin_specs_are_registered_and_complete() -> None:
+    from tokred.data import DatasetSpec, get_spec
+    from tokred.data.datasets import ade20k_lut, camvid_lut, cityscapes_lut
+    from tokred.plugins import DATASETS
+
+    for name in DATASET_NAMES:
+        spec = DATASETS.get(name)
+        assert isinstance(spec, DatasetSpec) and spec is get_spec(name) and spec.name == name
+        assert len(spec.palette) == spec.num_classes == len(spec.class_names)
+        assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in spec.palette)
+        assert spec.eval_split in spec.splits and spec.layout
+        assert spec.lut_array().shape == (256,)
+    assert len(set(get_spec("ade20k").palette)) == 150  # distinct colours
+    np.testing.assert_array_equal(camvid_lut()[[0, 10, 11, 12, 255]], [0, 10, 255, -1, 255])
+    np.testing.assert_array_equal(ade20k_lut()[[0, 1, 150, 151]], [255, 0, 149, -1])
+    np.testing.assert_array_equal(cityscapes_lut()[[0, 7, 33, 34]], [255, 0, 18, -1])
+    assert get_spec("camvid_sample").default_root == default_sample_root()
+
+
+def test_test_pipeline_resize_rules_and_errors() -> None:
+    from tokred.data import TestPipeline, get_spec
+
+    ade = get_spec("ade20k").test_pipeline
+    assert ade.output_size(375, 500) == (512, 683)  # short side -> 512
+    assert ade.output_size(2000, 500) == (2048, 512)  # long side capped at 2048
+    assert ade.output_size(100, 1000) == (205, 2048)
+    assert get_spec("cityscapes").test_pipeline.output_size(1024, 2048) == (1024, 2048)
+    assert get_spec("camvid").test_pipeline.output_size(360, 480) == (360, 480)
+    with pytest.raises(ValueError, match="none, keep_ratio, exact"):
+        TestPipeline(resize="fit")
+    with pytest.raises(ValueError, match="crop"):
+        TestPipeline(mode="slide")
+    with pytest.raises(ValueError, match="whole, slide"):
+        TestPipeline(mode="tiles")
+
+
+def test_spec_validation_errors() -> None:
+    from tokred.data import DatasetSpec
+
+    with pytest.raises(ValueError, match="2 class names"):
+        DatasetSpec("x", 3, class_names=("a", "b"))
+    with pytest.raises(ValueError, match="ignore_index=1 is a valid class id"):
+        DatasetSpec("x", 3, ignore_index=1)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        DatasetSpec("x", 3, lut=tuple([5] * 256))
+    with pytest.raises(ValueError, match="eval_split 'test'"):
+        DatasetSpec("x", 3, splits=("train", "val"), eval_split="test")
+
+
+def test_unknown_name_suggests_a_close_match() -> None:
+    with pytest.raises(ValueError, match="did you mean 'camvid'"):
+        dataset_info("camvd")
+
+
+def test_a_runtime_registered_spec_is_a_dataset_everywhere(tmp_path: Path) -> None:
+    """Adding a data set = one spec (a python file) + its configs/dataset/<name>.yaml: the spec alone makes
+    build_dataset, dataset_info, the name lists and the protocol settings work."""
+    from tokred.data import DatasetSpec, TestPipeline, dataset_names, eval_inference
+    from tokred.data.spec import lut_from_mapping
+    from tokred.plugins import DATASETS
+
+    def files(root: Path, split: str) -> list[tuple[Path, Path]]:
+        return [(p, root / "masks" / p.name) for p in sorted((root / split).glob("*.png"))]
+
+    root = tmp_path / "tiny"
+    label = np.array([[0, 1], [9, 2]], dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    _save(root / "val" / "a.png", np.zeros((16, 16, 3), np.uint8))
+    _save(root / "masks" / "a.png", label)
+    spec = DatasetSpec("_tiny", 3, class_names=("x", "y", "z"), palette=((0, 0, 0), (1, 1, 1), (2, 2, 2)),
+                       layout="root/{split}/*.png and root/masks/*.png", files=files, splits=("val",),
+                       eval_split="val", lut=lut_from_mapping({0: 0, 1: 1, 2: 2}, ignored=(9,)),
+                       test_pipeline=TestPipeline(resize="exact", scale=(32, 32), mode="whole"))
+    DATASETS.register("_tiny", spec)
+    try:
+        assert "_tiny" in dataset_names() and dataset_info("_tiny") is spec
+        ds = build_dataset("_tiny", root, "val", None, train=False, test_pipeline="protocol")
+        image, lbl = ds[0]
+        assert image.shape == (3, 32, 32) and lbl.shape == (16, 16)
+        assert set(lbl.unique().tolist()) == {0, 1, 2, 255}
+        assert eval_inference("_tiny", "protocol").mode == "whole"
+        with pytest.raises(ValueError, match="root is None"):
+            build_dataset("_tiny", None, "val", None, train=False)
+        with pytest.raises(ValueError, match="valid splits: val"):
+            build_dataset("_tiny", root, "train", None, train=False)
+    finally:
+        DATASETS.unregister("_tiny")
+    with pytest.raises(ValueError, match="valid names are"):
+        dataset_info("_tiny")

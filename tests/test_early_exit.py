@@ -91,17 +91,33 @@ def test_registry_defaults_and_config():
     assert isinstance(ee, EarlyExit) and ee.kind == "pruner"
     seg = _seg()
     ee = seg.reducers[1]
-    assert ee.exit_blocks == default_exit_blocks(DEPTH) == [2, 4]
+    assert ee.exit_blocks == default_exit_blocks(DEPTH) == [1, 3]  # 0-based: blocks[1], blocks[3]
     assert ee.threshold == default_threshold(DEPTH) == 0.9
     assert len(ee.heads) == 2
-    assert ee.extra_config() == {"exit_blocks": [2, 4], "threshold": 0.9, "top_k": 5, "head": "linear",
+    assert ee.extra_config() == {"exit_blocks": [1, 3], "threshold": 0.9, "top_k": 5, "head": "linear",
                                  "aux_weight": 1.0, "halting": True}
-    assert default_exit_blocks(24) == [8, 16] and default_threshold(24) == 0.95
-    assert default_exit_blocks(12) == [6, 8] and default_threshold(12) == 0.9
+    assert default_exit_blocks(24) == [7, 15] and default_threshold(24) == 0.95
+    assert default_exit_blocks(12) == [5, 7] and default_threshold(12) == 0.9
+
+
+def test_default_exit_blocks_are_the_same_physical_blocks_as_the_papers_1_based_ones():
+    for depth in range(2, 31):
+        one_based = [8, 16] if depth >= 24 else [6, 8] if depth >= 9 else sorted(
+            {min(max(b, 1), depth - 1) for b in (depth // 3, 2 * depth // 3)})
+        assert default_exit_blocks(depth) == [b - 1 for b in one_based], depth
+
+
+def test_exit_block_index_is_the_block_whose_output_the_head_reads():
+    seg = _seg(exit_blocks=[0], threshold=0.05, top_k=1).eval()  # untrained heads: every token a candidate
+    with torch.no_grad():
+        out = seg(torch.randn(2, 3, *CROP, generator=torch.Generator().manual_seed(0)))
+    counts = [t.tolist() for t in out.state.tokens_per_block]
+    assert counts[0] == [N0, N0] and counts[1][0] < N0  # halted after blocks[0], before blocks[1]
+    assert "halted_exit_0" in out.state.stats and int(out.state.stats["banked_after_block_0"].sum()) > 0
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"exit_blocks": [0, 2]}, "exit_blocks"),
+    ({"exit_blocks": [-1, 2]}, "exit_blocks"),
     ({"exit_blocks": [3, 2]}, "exit_blocks"),
     ({"exit_blocks": [2, 2]}, "exit_blocks"),
     ({"exit_blocks": []}, "exit_blocks"),
@@ -117,7 +133,7 @@ def test_bad_arguments_name_the_parameter(kwargs, param):
         EarlyExit(**kwargs)
 
 
-@pytest.mark.parametrize("blocks", [[6], [2, 7]])
+@pytest.mark.parametrize("blocks", [[5], [1, 6]])
 def test_exit_after_last_block_rejected_in_setup(blocks):
     with pytest.raises(ValueError, match="exit_blocks"):
         _seg(exit_blocks=blocks)
@@ -184,7 +200,7 @@ def test_no_halting_reproduces_the_model_without_pruner(head, off):
     with torch.no_grad():
         ref, out = base(img), seg(img)
     torch.testing.assert_close(out.logits, ref.logits)
-    assert [a.name for a in out.state.aux] == ["exit_2", "exit_4"]
+    assert [a.name for a in out.state.aux] == ["exit_1", "exit_3"]
 
 
 @pytest.mark.parametrize("head", ["linear", "atm"])
@@ -212,14 +228,14 @@ def test_halted_cells_take_their_exit_prediction():
     with torch.no_grad():
         out = seg(_images())
     exit_block = _exit_block_of_cells(out)  # [B, N0]
-    halted = exit_block == 1  # first exit: after 1-based block 2
+    halted = exit_block == 1  # first exit: after blocks[1]
     assert 0 < int(halted.sum()) < halted.numel()
     head_logits = captured[0][:, P:]  # [B, N0, K]: no token left before the first exit, token P + p is patch p
     grid = out.grid_logits.flatten(2).transpose(1, 2)  # [B, N0, K]
     torch.testing.assert_close(grid[halted], head_logits[halted])
     live_end = exit_block == DEPTH
     assert not torch.allclose(grid[live_end], head_logits[live_end])
-    torch.testing.assert_close(out.state.stats["halted_exit_2"], halted.sum(1))
+    torch.testing.assert_close(out.state.stats["halted_exit_1"], halted.sum(1))
 
 
 def test_top_k_per_class_stays_live_end_to_end():
@@ -229,7 +245,7 @@ def test_top_k_per_class_stays_live_end_to_end():
     with torch.no_grad():
         out = seg(_images())
     stats = out.state.stats
-    torch.testing.assert_close(stats["halted_exit_2"], torch.full((2,), N0 - top_k))
+    torch.testing.assert_close(stats["halted_exit_1"], torch.full((2,), N0 - top_k))
     expected = torch.zeros(2, K, dtype=torch.long)
     expected[:, 2] = N0 - top_k
     torch.testing.assert_close(stats["halted_per_class"], expected)
@@ -265,17 +281,17 @@ def test_aux_losses_and_gradients_in_training(head):
     target = torch.randint(0, K, (2, *CROP), generator=torch.Generator().manual_seed(0))
     out = seg(img)
     aux = {a.name: a for a in out.state.aux}
-    assert list(aux) == ["exit_2", "exit_4"]
+    assert list(aux) == ["exit_1", "exit_3"]
     H0, W0 = out.state.grid_size
     for a in aux.values():
         assert a.logits.shape == (2, K, H0, W0) and a.weight == 0.5 and a.mask.shape == (2, H0, W0)
     exit_block = out.state.cell_exit_block(DEPTH)  # [B, H0, W0]
-    assert aux["exit_2"].mask.all()
+    assert aux["exit_1"].mask.all()
     halted_first = exit_block == 1
     assert halted_first.any()
-    torch.testing.assert_close(aux["exit_4"].mask, ~halted_first)  # cells halted at exit 2 are ignored
+    torch.testing.assert_close(aux["exit_3"].mask, ~halted_first)  # cells halted at exit 1 are ignored
     losses = seg.losses(out, target)
-    assert {"loss_main", "loss_exit_2", "loss_exit_4", "loss"} <= set(losses)
+    assert {"loss_main", "loss_exit_1", "loss_exit_3", "loss"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
     for j, h in enumerate(seg.reducers[1].heads):
@@ -288,7 +304,7 @@ def test_main_loss_trains_the_head_that_halted_cells():
     seg = _seg(top_k=1).train()
     _sharpen(seg)
     out = seg(_images())
-    assert int(out.state.stats["halted_exit_2"].sum()) > 0
+    assert int(out.state.stats["halted_exit_1"].sum()) > 0
     target = torch.randint(0, K, (2, *CROP), generator=torch.Generator().manual_seed(0))
     seg.losses(out, target)["loss_main"].backward()
     assert seg.reducers[1].heads[0].fc.weight.grad.abs().sum() > 0
@@ -305,7 +321,7 @@ def test_composes_after_a_merger_with_supertokens_and_padding():
     tokens_after_merge = state.tokens_per_block[1]  # [B] live tokens entering block 1 (after the merge)
     assert tokens_after_merge[0] != tokens_after_merge[1]  # padding in the batch
     assert (bank.size[bank.valid] == 2).any()  # supertokens halted
-    torch.testing.assert_close(state.stats["halted_exit_2"], tokens_after_merge)  # padding never halted
+    torch.testing.assert_close(state.stats["halted_exit_1"], tokens_after_merge)  # padding never halted
     torch.testing.assert_close(state.stats["banked_patches"], torch.full((2,), float(N0)))
     assert state.tokens_per_block[2].tolist() == [0, 0]
     grid = out.grid_logits.flatten(2).transpose(1, 2)  # [B, N0, K]

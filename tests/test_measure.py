@@ -419,3 +419,38 @@ def test_load_results_builds_one_row_per_run(tmp_path):
         load_results(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_results(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------- windows
+def test_token_accounting_sums_the_windows_of_one_image():
+    s1, s2 = _hand_states()
+    acc = TokenAccounting()
+    acc.update(s1, torch.tensor([0, 0]))  # two windows of image 0
+    acc.update(s2, [1])
+    out = acc.summary()
+    assert out["num_images"] == 2 and out["num_windows"] == 3 and out["windows_per_image"] == pytest.approx(1.5)
+    assert out["num_patches"] == pytest.approx((12 + 6) / 2)
+    assert out["tokens_per_block"] == pytest.approx([(12 + 3) / 2, (6 + 2) / 2])
+    assert out["tokens_per_block_min"] == [3.0, 2.0] and out["tokens_per_block_max"] == [12.0, 6.0]
+    assert out["token_reduction"] == pytest.approx(18 / 15)
+    assert out["halted_fraction"] == pytest.approx(7 / 15)
+    with pytest.raises(ValueError, match="image_ids has 1 entries"):
+        acc.update(s1, [3])
+
+
+def test_window_gflops_are_summed_per_image():
+    from tokred.measure.flops import count_gflops_windows
+
+    seg = _small().eval()
+    torch.manual_seed(0)
+    one_window = torch.randn(3, 64, 64)
+    two_windows = torch.randn(3, 64, 112)  # windows at x = 0 and the clamped 48
+    res = count_gflops_windows(seg, [one_window, two_windows], "slide", (64, 64), (48, 48))
+    single = count_gflops(seg, one_window[None])["gflops"]
+    assert res["windows"] == [1, 2] and res["windows_per_image"] == pytest.approx(1.5)
+    assert res["per_image"] == pytest.approx([single, 2 * single], rel=1e-6)
+    assert sum(res["by_module"].values()) == pytest.approx(res["gflops"], rel=1e-6)
+    assert res["image_hw"] == [[64, 64], [64, 112]]
+    whole = count_gflops_windows(seg, [torch.randn(3, 40, 56)], "whole")  # padded to 48x64
+    assert whole["windows"] == [1]
+    assert whole["gflops"] == pytest.approx(count_gflops(seg, torch.randn(1, 3, 48, 64))["gflops"], rel=1e-6)

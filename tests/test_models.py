@@ -11,7 +11,8 @@ from tokred.models.backbone import build_backbone, load_backbone_checkpoint
 from tokred.models.decoders import build_decoder
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.1}, {"qk_norm": True, "reg_tokens": 2, "class_token": False, "global_pool": "avg"}],
+@pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.1},
+                                    {"qk_norm": True, "reg_tokens": 2, "class_token": False, "global_pool": "avg"}],
                          ids=["plain", "layerscale", "qknorm_registers"])
 def test_encoder_loop_equals_timm(kwargs):
     vit = build_backbone("test_vit", (64, 96), **kwargs).eval()
@@ -45,6 +46,8 @@ def test_crop_not_multiple_of_patch_raises():
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(ValueError, match="vit_tiny"):
         build_backbone("resnet50_oops", (64, 64))
+    with pytest.raises(ValueError, match="Did you mean.*eva02_large"):
+        build_backbone("eva02_larg", (56, 56))
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

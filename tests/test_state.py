@@ -148,3 +148,46 @@ def test_attn_bias_none_when_unneeded(prop):
 
     st = replace(st, proportional_attention=prop)
     assert (st.attn_bias(torch.float32) is None) == (not prop)
+
+
+def test_initial_positions_are_patch_cells_and_prefix_has_none():
+    _, _, st = _grid_tokens()
+    assert st.pos.shape == (B, P + H0 * W0, 2)
+    assert (st.pos[:, :P] == 0).all()
+    assert st.pos[0, P + 7].tolist() == [7 // W0, 7 % W0]  # (row, col) in patch units
+
+
+def test_fields_follow_merge_split_and_unbank():
+    """Through a merge, a split (into the bank) and an unbank, ``pos`` stays the centroid of the held patches and a
+    custom field stays the size-weighted mean of its patches' values."""
+    from tokred.state import patch_centroids
+
+    grid, x, st = _grid_tokens()
+    val = torch.randn(B, x.shape[1], 3, generator=torch.Generator().manual_seed(4))
+    st = st.with_field("val", val)
+    n = x.shape[1]
+    x2, st2 = st.merge(x, _pair_assign(n), P + (n - P) // 2)
+    assert_close(st2.fields["val"][:, P:], val[:, P:].reshape(B, -1, 2, 3).mean(2))
+    keep = torch.rand(B, x2.shape[1], generator=torch.Generator().manual_seed(5)) > 0.5
+    x3, st3 = st2.split(x2, keep, block=1)
+    x4, st4 = st3.unbank(x3)
+    for s, m in ((st2, 0), (st3, st3.bank.num_slots), (st4, 0)):
+        live, banked = patch_centroids(s.token_map, s.grid_size, s.size.shape[1], m)
+        v = s.valid_mask()
+        v[:, :P] = False
+        assert_close(s.pos[v], live[v])
+        if s.bank is not None:
+            assert_close(s.bank.fields["pos"][s.bank.valid], banked[s.bank.valid])
+            assert set(s.bank.fields) == {"pos", "val"}
+    # every patch's field value is recovered through the token that now holds it
+    per_patch = st4.fields["val"].gather(1, st4.token_map.unsqueeze(-1).expand(-1, -1, 3))  # [B, N0, 3]
+    assert_close(per_patch, val[:, P:].reshape(B, -1, 2, 3).mean(2).repeat_interleave(2, 1))
+
+
+def test_with_field_rejects_misaligned_or_integer_fields():
+    _, x, st = _grid_tokens()
+    with pytest.raises(ValueError, match="one row per token"):
+        st.with_field("bad", torch.zeros(B, x.shape[1] - 1, 2))
+    with pytest.raises(TypeError, match="floating point"):
+        st.with_field("bad", torch.zeros(B, x.shape[1], dtype=torch.long))
+

@@ -18,7 +18,7 @@ from tokred.reducers.base import BackboneInfo, Pruner
 from tokred.reducers.registry import create_reducer
 from tokred.reducers.tome import ToMe, bipartite_soft_matching
 from tokred.schedules import Explicit, KeepRatio
-from tokred.state import TokenState
+from tokred.state import TokenState, merge_tokens
 
 CROP = (64, 96)  # px -> 4 x 6 patches of 16 px on test_vit (embed_dim 64, depth 6, 2 heads, 1 class token)
 K = 5
@@ -97,6 +97,68 @@ def test_matching_rejects_bad_input():
         bipartite_soft_matching(torch.randn(1, 5, 3), -1)
     with pytest.raises(ValueError, match="num_protected"):
         bipartite_soft_matching(torch.randn(1, 5, 3), 1, num_protected=6)
+
+
+def _plain_reference_merge(x, metric, size, r, class_token):
+    """A plain, loop-based reading of the reference ToMe step for ONE image: A/B alternate over the whole
+    sequence, the class token (index 0, in A) never merges, the r best-matched A tokens go into their B
+    partners by size-weighted sum, output = unmerged A (original order with a class token, else by
+    descending similarity), then every B token in order. Returns (x' [N', C], size' [N'])."""
+    n = x.shape[0]
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
+    sim = m[a_idx] @ m[b_idx].T
+    if class_token:
+        sim[0, :] = float("-inf")
+    r = min(r, (n - int(class_token)) // 2)
+    best, dst = sim.max(dim=1)
+    by_sim = sorted(range(len(a_idx)), key=lambda i: -float(best[i]))
+    merged, unmerged = by_sim[:r], by_sim[r:]
+    if class_token:
+        unmerged = sorted(unmerged)
+    weighted = x * size[:, None]
+    out_b, size_b = weighted[b_idx].clone(), size[b_idx].clone()
+    for i in merged:
+        out_b[dst[i]] += weighted[a_idx[i]]
+        size_b[dst[i]] += size[a_idx[i]]
+    keep_a = [a_idx[i] for i in unmerged]
+    sizes = torch.cat([size[keep_a], size_b])
+    return torch.cat([weighted[keep_a], out_b]) / sizes[:, None], sizes
+
+
+@pytest.mark.parametrize("n, r, class_token", [(25, 5, True), (26, 12, True), (24, 7, False), (9, 100, True)])
+def test_reference_partition_equals_a_plain_reference_implementation(n, r, class_token):
+    g = torch.Generator().manual_seed(n + r)
+    B, C = 2, 6
+    x, metric = torch.randn(B, n, C, generator=g), torch.randn(B, n, 4, generator=g)
+    size = torch.randint(1, 4, (B, n), generator=g).float()
+    if class_token:
+        size[:, 0] = 1.0
+    m = bipartite_soft_matching(metric, r, num_protected=int(class_token), partition="reference")
+    x2, size2 = merge_tokens(x, size, m.assign, m.n_out)
+    for b in range(B):
+        want_x, want_size = _plain_reference_merge(x[b], metric[b], size[b], r, class_token)
+        assert_close(x2[b], want_x)
+        assert_close(size2[b], want_size)
+    # the default partition differs (A/B over the patches only, raster order kept)
+    d = bipartite_soft_matching(metric, r, num_protected=int(class_token))
+    assert d.num_merged.tolist() == m.num_merged.tolist()
+    assert not torch.equal(d.assign, m.assign)
+
+
+def test_reference_partition_in_the_model():
+    img = _image()
+    seg = _segmenter(merger_kwargs={"r": 3, "partition": "reference"}).eval()
+    ref = _segmenter(merger_kwargs={"r": 3}).eval()
+    with torch.no_grad():
+        out, base = seg(img), ref(img)
+        singles = torch.cat([seg(img[i:i + 1]).logits for i in range(2)])
+    assert [int(t[0]) for t in out.state.tokens_per_block] == [int(t[0]) for t in base.state.tokens_per_block]
+    assert out.state.token_map.max() < out.state.size.shape[1]
+    assert_close(out.logits, singles)
+    assert not torch.allclose(out.logits, base.logits, atol=1e-5)
+    with pytest.raises(ValueError, match="partition"):
+        ToMe(partition="raster")
 
 
 # ---------------------------------------------------------------------------------------------- merge properties
@@ -317,7 +379,8 @@ def test_bad_configuration_raises():
 def test_registry_config_file_and_extra_config():
     tome = create_reducer("tome", r=3, schedule={"kind": "keep_ratio", "keep_ratio": 0.5})
     assert isinstance(tome, ToMe) and isinstance(tome.schedule, KeepRatio)
-    assert tome.extra_config() == {"r": 3, "schedule": tome.schedule.config(), "proportional_attention": True}
+    assert tome.extra_config() == {"r": 3, "schedule": tome.schedule.config(), "proportional_attention": True,
+                                   "partition": "patches"}
     cfg = yaml.safe_load(CONFIG.read_text())
     assert cfg.pop("name") == "tome"
     params = inspect.signature(ToMe.__init__).parameters

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tokred.models.segmenter import build_segmenter
-from tokred.viz import _boundaries, embedding_state, find_label, token_fate_figure, unique_path, viz_job
+from tokred.io import unique_path
+from tokred.jobs.viz import viz_job
+from tokred.viz import _boundaries, embedding_state, find_label, token_fate_figure
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tokred" / "data" / "camvid_sample" / "val" / "0016E5_07959.webp"
 

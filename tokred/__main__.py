@@ -9,57 +9,69 @@ Commands:
     eval          evaluate checkpoint=PATH
     bench         im/s, latency and memory of a configuration next to the unreduced model
     train-policy  train the dCTS superpatch policy network on ground-truth uniformity
-    list          every registered reducer and where it comes from
+    list          every registered reducer, backbone, decoder and dataset, and where it comes from
     ablate        the apples-to-apples grid: grid=camvid_cpu (configs/grid/); results/ablations/<protocol>/
     viz           token-fate picture of one image: viz.image=PATH [viz.out=PNG] [checkpoint=PATH]
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from pathlib import Path
+
+from tokred.config import config_dir, register_configs, validate
+
+__all__ = ["JOBS", "config_dir", "main"]
 
 _USAGE = __doc__.split("\n\n", 2)[2] if __doc__ else ""
 
+#: command -> "module:function" of its job, imported only when that command runs.
+JOBS: dict[str, str] = {
+    "run": "tokred.jobs.run:run_job",
+    "eval": "tokred.jobs.eval:eval_job",
+    "bench": "tokred.jobs.bench:bench_job",
+    "train-policy": "tokred.jobs.policy:train_policy_job",
+    "ablate": "tokred.ablations.runner:ablate_job",
+    "viz": "tokred.jobs.viz:viz_job",
+}
 
-def config_dir() -> str:
-    """The Hydra config folder: the repository's ``configs/`` (source checkout) or the packaged copy."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "configs", here / "_configs"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"tokred's configs were not found next to {here}; reinstall tokred")
 
-
-def _jobs():
-    from tokred import ablations, cli, viz
-
-    return {"run": cli.run_job, "eval": cli.eval_job, "bench": cli.bench_job, "train-policy": cli.train_policy_job,
-            "ablate": ablations.ablate_job, "viz": viz.viz_job}
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatches ``argv`` (default ``sys.argv[1:]``) to a job; returns the exit code (2: unknown command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write("usage: python -m tokred <command> [hydra overrides]\n\n" + _USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     if command == "list":
-        from tokred.cli import list_job
-
-        list_job()
+        _load("tokred.jobs.listing:list_job")()
         return 0
-    jobs = _jobs()
-    if command not in jobs:
-        sys.stderr.write(f"unknown command {command!r}; valid: {', '.join([*jobs, 'list'])}\n")
+    if command not in JOBS:
+        sys.stderr.write(f"unknown command {command!r}; valid: {', '.join([*JOBS, 'list'])}\n")
         return 2
     import hydra
-    from omegaconf import DictConfig
 
-    def task(cfg: DictConfig) -> None:
+    job = _load(JOBS[command])
+    register_configs()
+
+    def task(cfg) -> None:
         logging.getLogger("tokred").setLevel(logging.INFO)
-        jobs[command](cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        from tokred.structured import ConfigError
+
+        try:
+            validate(cfg, list(HydraConfig.get().overrides.task))
+            job(cfg)
+        except ConfigError as err:  # a configuration mistake: one clear line, no traceback, nothing written
+            sys.stderr.write(f"tokred {command}: configuration error: {err}\n")
+            raise SystemExit(2) from None
 
     sys.argv = [f"tokred {command}", *rest]
     hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(task)()

@@ -13,13 +13,21 @@ Every entry records the distribution and version that supplied it, so results sa
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-__all__ = ["BACKBONES", "DATASETS", "DECODERS", "PluginSpec", "REDUCERS", "REGISTRIES", "Registry"]
+__all__ = ["BACKBONES", "DATASETS", "DECODERS", "PluginSpec", "REDUCERS", "REGISTRIES", "Registry", "UnknownNameError"]
+
+
+class UnknownNameError(ValueError, KeyError):
+    """A name that no registry entry carries (both a ``ValueError`` and a ``KeyError`` for old callers)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,8 @@ class Registry:
         """The object registered under ``name``, imported on first use.
 
         Raises:
-            KeyError: unknown name (the message lists the valid names).
+            UnknownNameError: unknown name (a ``ValueError`` and a ``KeyError``; the message lists the valid
+                names and the closest match).
             ImportError: the registered target cannot be imported (names the distribution).
             TypeError: the target is not of this registry's kind.
         """
@@ -133,7 +142,9 @@ class Registry:
             return self._objects[name]
         specs = self.available()
         if name not in specs:
-            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(specs)}")
+            close = difflib.get_close_matches(str(name), list(specs), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; valid names: {', '.join(specs)}")
         spec = specs[name]
         module_name, _, attr = spec.target.partition(":")
         try:
@@ -180,13 +191,13 @@ REDUCERS = Registry("reducer", "tokred.reducers", {
 BACKBONES = Registry("backbone adapter", "tokred.backbones", {
     "vit": "tokred.backbones.vit:VisionTransformerAdapter",
     "eva": "tokred.backbones.eva:EvaAdapter",
-})
+}, check=_subclass_check("tokred.backbones.base:BackboneAdapter", "backbone adapter"))
 
 #: Decoders on the restored patch grid (and encoder taps); names equal ``configs/decoder/<name>.yaml`` stems.
 DECODERS = Registry("decoder", "tokred.decoders", {
     "linear": "tokred.models.decoders:LinearDecoder",
     "mask_transformer": "tokred.models.decoders:MaskTransformerDecoder",
-})
+}, check=_subclass_check("tokred.models.decoders:Decoder", "decoder"))
 
 #: Dataset specs (classes, palette, folder layout, label mapping, test pipeline); one file each.
 DATASETS = Registry("dataset", "tokred.datasets", {

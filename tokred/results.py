@@ -1,4 +1,4 @@
-"""metrics.json: the one results schema of tokred, its atomic writer, and a loader into a pandas DataFrame.
+"""metrics.json: the one results schema of tokred, its writer (``tokred.io``), and a loader into a pandas DataFrame.
 
 A run directory holds one ``metrics.json`` whose top level has every key of ``METRICS_FIELDS`` (a value may be
 None when a measurement was not taken, e.g. no throughput run). ``assemble_metrics`` builds such a dict from
@@ -10,13 +10,13 @@ table with one row per run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from tokred.io import atomic_write
 
 __all__ = ["METRICS_FIELDS", "METRICS_FILENAME", "assemble_metrics", "load_results", "validate_metrics",
            "write_metrics"]
@@ -72,10 +72,10 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_metrics(path: str | Path, metrics: Mapping[str, Any], overwrite: bool = False) -> Path:
-    """Writes ``metrics`` as JSON atomically (temporary file in the same directory, then rename).
+    """Writes ``metrics`` as JSON through ``tokred.io.atomic_write`` (temporary file, then rename).
 
     A reader never sees a half-written file; without ``overwrite`` an existing file is never replaced, even by
-    a concurrent writer (the final step is a hard link, which fails when the name exists).
+    a concurrent writer (exclusive write).
 
     Args:
         path: the metrics.json path (parent directories are created).
@@ -89,34 +89,11 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any], overwrite: bool 
         FileExistsError: ``path`` exists and ``overwrite`` is False (names the path).
         TypeError: a value that cannot be written as JSON.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another run directory or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(dict(metrics), indent=2, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    text = json.dumps(dict(metrics), indent=2, default=_json_default) + "\n"  # TypeError before any file
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and exclusive: fails if path appeared meanwhile
-            except FileExistsError as err:
-                raise FileExistsError(f"{path} already exists; choose another run directory or pass "
-                                      "overwrite=True") from err
-            except OSError:  # file system without hard links
-                if path.exists():
-                    raise FileExistsError(f"{path} already exists; choose another run directory or pass "
-                                          "overwrite=True") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        return atomic_write(path, text, exclusive=not overwrite)
+    except FileExistsError as err:
+        raise FileExistsError(f"{path} already exists; choose another run directory or pass overwrite=True") from err
 
 
 def _get(d: Mapping[str, Any] | None, key: str) -> Any:

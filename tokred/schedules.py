@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
-__all__ = ["as_schedule", "Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule", "SCHEDULES"]
+__all__ = ["as_schedule", "Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule",
+           "SCHEDULES"]
 
 
 class Schedule:
@@ -214,7 +215,8 @@ def build_schedule(kind: str = "constant", r: int = 0, **params: Any) -> Schedul
     if kind == "explicit":
         return Explicit(values=list(params.get("values", [])))
     if kind == "keep_ratio":
-        return KeepRatio(keep_ratio=float(params.get("keep_ratio", 1.0)), per_block=bool(params.get("per_block", False)),
+        return KeepRatio(keep_ratio=float(params.get("keep_ratio", 1.0)),
+                         per_block=bool(params.get("per_block", False)),
                          blocks=params.get("blocks"))
     if kind == "warmup":
         inner_spec = dict(params.get("inner") or {"kind": "constant"})

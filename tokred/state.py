@@ -11,6 +11,13 @@ prefix tokens (class token, registers) which always sit at positions ``[0, P)``,
 Token map encoding (O(N0) memory, composes by a gather):
     ``token_map[b, p] >= 0``: patch ``p`` is held by live token ``x[b, token_map[b, p]]``.
     ``token_map[b, p] < 0``: patch ``p`` is held by bank slot ``j = -1 - token_map[b, p]``.
+
+Per-token fields (detectron2 ``Instances`` style): ``TokenState.fields`` maps a name to a floating ``[B, N, ...]``
+tensor aligned with ``x``; every operation carries them along (merge: size-weighted mean; split: gathered, the
+banked rows kept in ``Bank.fields``; unbank: concatenated back). The built-in field ``"pos"`` (``POS``) is the
+``[B, N, 2]`` patch-grid centroid ``(row, col)`` in patch units of the patches a token holds, so a merged token
+sits at the size-weighted centroid of its members; prefix tokens have no position and hold ``0`` there.
+Backbones with relative positions (EVA-02 RoPE) read it; absolute-position ViTs ignore it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-__all__ = ["Bank", "AuxOutput", "TokenState", "merge_tokens", "bank_code"]
+__all__ = ["POS", "Bank", "AuxOutput", "TokenState", "merge_tokens", "bank_code", "patch_centroids"]
+
+#: Name of the per-token position field: ``[B, N, 2]`` (row, col) centroid in patch units.
+POS = "pos"
 
 
 def bank_code(slot: Tensor) -> Tensor:
@@ -39,6 +49,7 @@ class Bank:
         valid: ``[B, M]`` (bool) False for padding slots (images bank different counts).
         logits: ``[B, M, K]`` kept class logits (early exit), or None when no pruner kept any.
         has_logits: ``[B, M]`` (bool) which slots carry kept logits.
+        fields: the banked tokens' per-token fields, ``name -> [B, M, ...]`` (see ``TokenState.fields``).
     """
 
     x: Tensor
@@ -47,6 +58,7 @@ class Bank:
     valid: Tensor
     logits: Tensor | None = None
     has_logits: Tensor | None = None
+    fields: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_slots(self) -> int:
@@ -80,7 +92,7 @@ def merge_tokens(t: Tensor, size: Tensor, assign: Tensor, n_out: int) -> tuple[T
     Pure function: compute ``assign`` once (e.g. under ``no_grad``) and apply it to any tensor.
 
     Args:
-        t: ``[B, N, C]`` token features.
+        t: ``[B, N, C]`` token features (or any floating per-token field ``[B, N, D]``).
         size: ``[B, N]`` patches per token (weights of the mean).
         assign: ``[B, N]`` (long) destination slot of every token, in ``[0, n_out)``.
         n_out: number of output slots ``N'``.
@@ -98,6 +110,40 @@ def merge_tokens(t: Tensor, size: Tensor, assign: Tensor, n_out: int) -> tuple[T
     return out, new_size
 
 
+def patch_centroids(token_map: Tensor, grid_size: tuple[int, int], num_tokens: int,
+                    bank_slots: int = 0) -> tuple[Tensor, Tensor]:
+    """Centroid ``(row, col)`` in patch units of the patches each live token and each bank slot holds.
+
+    Args:
+        token_map: ``[B, N0]`` (long) token map (see the module docstring).
+        grid_size: ``(H0, W0)`` patches.
+        num_tokens: ``N``, live slots.
+        bank_slots: ``M``, bank slots.
+
+    Returns:
+        ``([B, N, 2] live centroids, [B, M, 2] bank centroids)``; slots holding no patch (prefix tokens,
+        padding) get ``0``.
+    """
+    B, N0 = token_map.shape
+    H0, W0 = grid_size
+    p = torch.arange(N0, device=token_map.device)
+    rc = torch.stack([p // W0, p % W0], -1).to(torch.float32).expand(B, N0, 2)  # [B, N0, 2]
+    slot = torch.where(token_map >= 0, token_map, num_tokens + bank_code(token_map))  # [B, N0] in [0, N + M)
+    total = rc.new_zeros(B, num_tokens + bank_slots, 2).scatter_add(1, slot.unsqueeze(-1).expand(B, N0, 2), rc)
+    count = rc.new_zeros(B, num_tokens + bank_slots).scatter_add(1, slot, torch.ones_like(rc[..., 0]))
+    cent = total / count.clamp_min(1).unsqueeze(-1)
+    return cent[:, :num_tokens], cent[:, num_tokens:]
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx [B, N']`` of a per-token tensor ``[B, N, ...]`` -> ``[B, N', ...]``."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    flat = t.reshape(*t.shape[:2], -1)
+    out = flat.gather(1, idx.unsqueeze(-1).expand(*idx.shape, flat.shape[-1]))
+    return out.reshape(*idx.shape, *t.shape[2:])
+
+
 @dataclass(frozen=True)
 class TokenState:
     """Everything about the current token set except the features ``x`` themselves.
@@ -113,6 +159,9 @@ class TokenState:
         tokens_per_block: live patch tokens entering each block so far, one ``[B]`` (long) per block.
         aux: auxiliary predictions collected during the forward (exit heads, Cropr heads).
         stats: named per-forward counters, each ``[B]`` (reducers record e.g. halted counts here).
+        fields: generic per-token fields, ``name -> [B, N, ...]`` floating tensors aligned with ``x``, kept
+            aligned by every operation (``POS`` = ``"pos"``: ``[B, N, 2]`` patch-grid centroid, see module doc).
+        taps: ``block -> [B, C, H0, W0]`` restored outputs of the blocks the encoder was asked to tap.
     """
 
     grid_size: tuple[int, int]
@@ -125,17 +174,57 @@ class TokenState:
     tokens_per_block: tuple[Tensor, ...] = ()
     aux: tuple[AuxOutput, ...] = ()
     stats: dict[str, Tensor] = field(default_factory=dict)
+    fields: dict[str, Tensor] = field(default_factory=dict)
+    taps: dict[int, Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def initial(cls, batch: int, grid_size: tuple[int, int], num_prefix_tokens: int, device: torch.device,
                 dtype: torch.dtype = torch.float32) -> TokenState:
-        """State of an unreduced forward: patch ``p`` is held by token ``P + p``, every size 1."""
+        """State of an unreduced forward: patch ``p`` is held by token ``P + p``, every size 1, ``pos`` its cell."""
         n0 = grid_size[0] * grid_size[1]
         token_map = torch.arange(num_prefix_tokens, num_prefix_tokens + n0, device=device).expand(batch, n0)
         size = torch.ones(batch, num_prefix_tokens + n0, device=device, dtype=dtype)
-        return cls(grid_size=tuple(grid_size), num_prefix_tokens=num_prefix_tokens,
-                   token_map=token_map.contiguous(), size=size)
+        state = cls(grid_size=tuple(grid_size), num_prefix_tokens=num_prefix_tokens,
+                    token_map=token_map.contiguous(), size=size)
+        return state.with_positions()
+
+    def with_field(self, name: str, value: Tensor) -> TokenState:
+        """Adds or replaces the per-token field ``name``.
+
+        Args:
+            name: field name (``POS`` is tokred's position field).
+            value: ``[B, N, ...]`` floating tensor aligned with the current tokens.
+
+        Raises:
+            TypeError: ``value`` is not floating point (fields are merged by size-weighted mean).
+            ValueError: its leading ``[B, N]`` differs from ``size``'s.
+        """
+        if not value.is_floating_point():
+            raise TypeError(f"per-token field {name!r} must be floating point (merged by size-weighted mean), "
+                            f"got {value.dtype}; cast it with .float()")
+        if tuple(value.shape[:2]) != tuple(self.size.shape):
+            raise ValueError(f"per-token field {name!r} has leading shape {tuple(value.shape[:2])} but the state "
+                             f"holds [B, N] = {tuple(self.size.shape)} tokens; give one row per token of x")
+        return replace(self, fields={**self.fields, name: value})
+
+    def with_positions(self) -> TokenState:
+        """Sets ``fields["pos"]`` (and the bank's) to the centroid of the patches each token holds.
+
+        The encoder calls it after embedding when a state was built without positions (dCTS supertokens: the
+        centroid of the ``L x L`` window); afterwards every operation keeps positions up to date.
+        """
+        m = 0 if self.bank is None else self.bank.num_slots
+        live, banked = patch_centroids(self.token_map, self.grid_size, self.size.shape[1], m)
+        state = replace(self, fields={**self.fields, POS: live.to(self.size.dtype)})
+        if self.bank is not None:
+            state = replace(state, bank=replace(self.bank, fields={**self.bank.fields, POS: banked}))
+        return state
+
+    @property
+    def pos(self) -> Tensor | None:
+        """``[B, N, 2]`` per-token patch-grid centroid ``(row, col)`` in patch units, or None when not tracked."""
+        return self.fields.get(POS)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -182,6 +271,10 @@ class TokenState:
     def add_aux(self, aux: AuxOutput) -> TokenState:
         return replace(self, aux=self.aux + (aux,))
 
+    def add_tap(self, block: int, grid: Tensor) -> TokenState:
+        """Records the restored output ``[B, C, H0, W0]`` of 0-based block ``block``."""
+        return replace(self, taps={**self.taps, block: grid})
+
     def add_stat(self, name: str, value: Tensor) -> TokenState:
         """Adds ``value`` ``[B]`` to the per-image counter ``name`` (created at zero)."""
         stats = dict(self.stats)
@@ -200,10 +293,12 @@ class TokenState:
                 after the first merge; see ``valid``).
 
         Returns:
-            ``(x' [B, n_out, C], state)``; a slot is valid when any valid token went into it.
+            ``(x' [B, n_out, C], state)``; a slot is valid when any valid token went into it. Every per-token
+            field is merged by the same size-weighted mean (positions: the centroid of the members' patches).
         """
         size = self.size if self.valid is None else self.size * self.valid
         x_new, size_new = merge_tokens(x, size, assign, n_out)
+        fields = {k: _merge_field(v, size, assign, n_out) for k, v in self.fields.items()}
         valid_new = None
         if self.valid is not None:
             hits = torch.zeros(x.shape[0], n_out, dtype=torch.long, device=x.device)
@@ -211,10 +306,9 @@ class TokenState:
             size_new = torch.where(valid_new, size_new, torch.ones_like(size_new))
         live = self.token_map >= 0
         new_map = torch.where(live, assign.gather(1, self.token_map.clamp_min(0)), self.token_map)
-        return x_new, replace(self, token_map=new_map, size=size_new, valid=valid_new)
+        return x_new, replace(self, token_map=new_map, size=size_new, valid=valid_new, fields=fields)
 
-    def split(self, x: Tensor, keep: Tensor, block: int, logits: Tensor | None = None,
-              x_bank: Tensor | None = None) -> tuple[Tensor, TokenState]:
+    def split(self, x: Tensor, keep: Tensor, block: int, logits: Tensor | None = None) -> tuple[Tensor, TokenState]:
         """Keeps the tokens where ``keep`` is True (compacted, order preserved) and banks the other valid ones.
 
         Images may keep different counts: the output has ``N' = max_b kept_b`` slots and the shorter images
@@ -225,10 +319,10 @@ class TokenState:
             keep: ``[B, N]`` (bool) tokens that stay live.
             block: 0-based index of the block after which the banked tokens leave.
             logits: optional ``[B, N, K]`` predictions the banked tokens keep (early exit).
-            x_bank: optional ``[B, N, C]`` features to bank instead of ``x`` (default ``x``).
 
         Returns:
-            ``(x' [B, N', C], state)``.
+            ``(x' [B, N', C], state)``; per-token fields are gathered with the tokens, the banked rows go to
+            ``bank.fields``.
         """
         B, N, C = x.shape
         P = self.num_prefix_tokens
@@ -252,36 +346,34 @@ class TokenState:
         ar_keep = torch.arange(n_keep, device=x.device).expand(B, n_keep)
         new_pos = new_pos.scatter(1, kept_idx, torch.where(kept_valid, ar_keep, 0))
         ar_leave = torch.arange(n_leave, device=x.device).expand(B, n_leave) + m_old
-        new_pos = new_pos.scatter(1, left_idx, torch.where(left_valid, bank_code(ar_leave), new_pos.gather(1, left_idx)))
+        banked_pos = torch.where(left_valid, bank_code(ar_leave), new_pos.gather(1, left_idx))
+        new_pos = new_pos.scatter(1, left_idx, banked_pos)
         live = self.token_map >= 0
         new_map = torch.where(live, new_pos.gather(1, self.token_map.clamp_min(0)), self.token_map)
 
-        def take(t: Tensor, idx: Tensor) -> Tensor:
-            if t.dim() == 2:
-                return t.gather(1, idx)
-            return t.gather(1, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
-
         n_banked = left_valid.sum(1)  # [B]
-        x_new = take(x, kept_idx)
-        size_new = take(self.size, kept_idx)
+        x_new = _take(x, kept_idx)
+        size_new = _take(self.size, kept_idx)
         all_valid = bool(kept_valid.all())
-        state = replace(self, token_map=new_map, size=size_new, valid=None if all_valid else kept_valid)
+        state = replace(self, token_map=new_map, size=size_new, valid=None if all_valid else kept_valid,
+                        fields={k: _take(v, kept_idx) for k, v in self.fields.items()})
         state = state.add_stat("banked", n_banked).add_stat(f"banked_after_block_{block}", n_banked)
-        state = state.add_stat("banked_patches", (take(self.size, left_idx) * left_valid).sum(1))
+        state = state.add_stat("banked_patches", (_take(self.size, left_idx) * left_valid).sum(1))
         if n_leave > 0:
-            src = x if x_bank is None else x_bank
             state = state._bank_append(
-                x=take(src, left_idx), size=take(self.size, left_idx),
+                x=_take(x, left_idx), size=_take(self.size, left_idx),
                 block=torch.full((B, n_leave), block, dtype=torch.long, device=x.device), valid=left_valid,
-                logits=None if logits is None else take(logits, left_idx))
+                logits=None if logits is None else _take(logits, left_idx),
+                fields={k: _take(v, left_idx) for k, v in self.fields.items()})
         return x_new, state
 
-    def _bank_append(self, x: Tensor, size: Tensor, block: Tensor, valid: Tensor, logits: Tensor | None) -> TokenState:
+    def _bank_append(self, x: Tensor, size: Tensor, block: Tensor, valid: Tensor, logits: Tensor | None,
+                     fields: dict[str, Tensor]) -> TokenState:
         B, M = size.shape
         has = torch.full((B, M), logits is not None, dtype=torch.bool, device=x.device) & valid
         if self.bank is None:
             bank = Bank(x=x, size=size, block=block, valid=valid, logits=logits,
-                        has_logits=has if logits is not None else None)
+                        has_logits=has if logits is not None else None, fields=dict(fields))
             return replace(self, bank=bank)
         old = self.bank
         new_logits, new_has = old.logits, old.has_logits
@@ -295,7 +387,8 @@ class TokenState:
             new_has = torch.cat([h_old, has], 1)
         bank = Bank(x=torch.cat([old.x, x], 1), size=torch.cat([old.size, size], 1),
                     block=torch.cat([old.block, block], 1), valid=torch.cat([old.valid, valid], 1),
-                    logits=new_logits, has_logits=new_has)
+                    logits=new_logits, has_logits=new_has,
+                    fields=_cat_fields(old.fields, old.num_slots, fields, M))
         return replace(self, bank=bank)
 
     def unbank(self, x: Tensor) -> tuple[Tensor, TokenState]:
@@ -305,7 +398,8 @@ class TokenState:
             x: ``[B, N, C]`` live tokens.
 
         Returns:
-            ``(x' [B, N + M, C], state)`` with the bank emptied and the token map pointing at the new slots.
+            ``(x' [B, N + M, C], state)`` with the bank emptied and the token map pointing at the new slots; the
+            banked tokens' fields (positions) come back with them.
         """
         if self.bank is None:
             return x, self
@@ -315,8 +409,9 @@ class TokenState:
         size_new = torch.cat([self.size, bank.size], 1)
         valid_new = torch.cat([self.valid_mask(), bank.valid], 1)
         new_map = torch.where(self.token_map >= 0, self.token_map, N + bank_code(self.token_map))
+        fields = _cat_fields(self.fields, N, bank.fields, bank.num_slots)
         return x_new, replace(self, token_map=new_map, size=size_new,
-                              valid=None if bool(valid_new.all()) else valid_new, bank=None)
+                              valid=None if bool(valid_new.all()) else valid_new, bank=None, fields=fields)
 
     # ------------------------------------------------------------------ back to the grid
     def restore(self, x: Tensor, bank_x: Tensor | None = None) -> Tensor:
@@ -385,3 +480,21 @@ class TokenState:
             slot = bank_code(self.token_map).clamp(0, M - 1)
             out = torch.where(self.token_map < 0, self.bank.block.gather(1, slot), out)
         return out.reshape(B, *self.grid_size)
+
+
+def _merge_field(t: Tensor, size: Tensor, assign: Tensor, n_out: int) -> Tensor:
+    """Size-weighted mean of a per-token field ``[B, N, ...]`` into ``[B, n_out, ...]`` slots."""
+    flat = t.reshape(*t.shape[:2], -1)
+    out, _ = merge_tokens(flat, size, assign, n_out)
+    return out.reshape(t.shape[0], n_out, *t.shape[2:])
+
+
+def _cat_fields(a: dict[str, Tensor], n_a: int, b: dict[str, Tensor], n_b: int) -> dict[str, Tensor]:
+    """Concatenates two field dicts along the token axis; a field one side lacks is zero-filled there."""
+    out = {}
+    for k in dict.fromkeys([*a, *b]):
+        ref = a[k] if k in a else b[k]
+        ta = a[k] if k in a else ref.new_zeros(ref.shape[0], n_a, *ref.shape[2:])
+        tb = b[k] if k in b else ref.new_zeros(ref.shape[0], n_b, *ref.shape[2:])
+        out[k] = torch.cat([ta, tb.to(ta.dtype)], 1)
+    return out

@@ -1,4 +1,5 @@
-"""Token-fate pictures: what a configuration did to the tokens of one image.
+"""Token-fate pictures: what a configuration did to the tokens of one image (the figure; the job that
+builds the model and writes the PNG is ``tokred.jobs.viz``).
 
 ``python -m tokred viz [overrides] viz.image=PATH [viz.out=PNG] [viz.label=PATH] [checkpoint=PATH]``, e.g.::
 
@@ -24,27 +25,17 @@ overwritten (``-2``, ``-3``, ... are appended).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
 from tokred.state import TokenState
 
-__all__ = ["CAMVID_PALETTE", "embedding_state", "find_label", "load_image", "load_label", "palette",
-           "token_fate_figure", "unique_path", "viz_job"]
+__all__ = ["embedding_state", "find_label", "load_image", "load_label", "palette", "token_fate_figure"]
 
-log = logging.getLogger(__name__)
-
-#: CamVid (SegNet 11-class) colours, RGB, by train id: Sky, Building, Pole, Road, Pavement, Tree, SignSymbol,
-#: Fence, Car, Pedestrian, Bicyclist (the colours of the CamVid class definitions).
-CAMVID_PALETTE: tuple[tuple[int, int, int], ...] = (
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))
 _LIVE_COLOR = (0.86, 0.86, 0.86)
 
 
@@ -96,8 +87,8 @@ def load_label(path: str | Path, dataset: str, size: tuple[int, int]) -> Tensor:
 
     Args:
         path: the label PNG.
-        dataset: data set name (``camvid``, ``camvid_sample``, ``ade20k``, ``cityscapes``): its raw-to-train-id
-            table; unknown values become the ignore value 255.
+        dataset: a registered data set name (``tokred.plugins.DATASETS``): its spec's raw-to-train-id ``lut``;
+            unknown values become the ignore value 255.
         size: ``(H, W)`` px.
 
     Returns:
@@ -109,12 +100,15 @@ def load_label(path: str | Path, dataset: str, size: tuple[int, int]) -> Tensor:
     """
     from PIL import Image
 
-    from tokred.data import datasets
+    from tokred.plugins import DATASETS
 
-    luts = {"camvid": datasets.camvid_lut, "camvid_sample": datasets.camvid_lut, "ade20k": datasets.ade20k_lut,
-            "cityscapes": datasets.cityscapes_lut}
-    if dataset not in luts:
-        raise ValueError(f"dataset {dataset!r} has no label table here; valid: {', '.join(luts)}")
+    try:
+        table = getattr(DATASETS.get(dataset), "lut", ())
+    except KeyError as err:  # the registry's message lists the valid names
+        raise ValueError(err.args[0]) from err
+    if len(table) != 256:
+        raise ValueError(f"dataset {dataset!r} has no 256-entry label table (its spec's lut); valid data sets: "
+                         f"{', '.join(DATASETS.names())}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"viz.label={path} does not exist")
@@ -122,31 +116,28 @@ def load_label(path: str | Path, dataset: str, size: tuple[int, int]) -> Tensor:
     with Image.open(path) as im:
         raw = np.asarray(im.convert("L") if im.mode not in ("L", "P", "I;16", "I") else im, dtype=np.int64)
         raw = np.asarray(Image.fromarray(raw.astype(np.uint8)).resize((w, h), Image.NEAREST), dtype=np.int64)
-    lut = luts[dataset]().astype(np.int64)
+    lut = np.asarray(table, dtype=np.int64)
     ids = lut[np.clip(raw, 0, 255)]
     ids[ids < 0] = 255
     return torch.from_numpy(ids)[None]
 
 
 def palette(dataset: str, num_classes: int) -> np.ndarray:
-    """``[K, 3]`` uint8 class colours: CamVid's own colours, else a fixed qualitative palette."""
-    if dataset in ("camvid", "camvid_sample") and num_classes == len(CAMVID_PALETTE):
-        return np.array(CAMVID_PALETTE, dtype=np.uint8)
+    """``[K, 3]`` uint8 class colours: the data set spec's ``palette`` (``tokred.plugins.DATASETS``), else a
+    fixed qualitative palette (tab20 up to 20 classes, evenly spaced hues beyond)."""
+    from tokred.plugins import DATASETS
+
+    try:
+        spec_palette = getattr(DATASETS.get(dataset), "palette", None)
+    except (KeyError, ValueError, ImportError):  # a data set without a spec (or a spec that cannot be imported)
+        spec_palette = None
+    if spec_palette is not None and len(spec_palette) >= num_classes:
+        return np.asarray(spec_palette, dtype=np.uint8)[:num_classes].reshape(num_classes, 3)
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"] if num_classes <= 20 else matplotlib.colormaps["hsv"]
     vals = np.linspace(0, 1, num_classes, endpoint=False) if num_classes > 20 else np.arange(num_classes) / 20
     return (np.array([cmap(v)[:3] for v in vals]) * 255).astype(np.uint8)
-
-
-def unique_path(path: str | Path) -> Path:
-    """``path`` if free, else ``<stem>-2<suffix>``, ``-3``, ... (never an existing file)."""
-    path = Path(path)
-    out, k = path, 1
-    while out.exists():
-        k += 1
-        out = path.with_name(f"{path.stem}-{k}{path.suffix}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- model side
@@ -165,15 +156,7 @@ def embedding_state(seg: torch.nn.Module, image: Tensor, target: Tensor | None =
     Returns:
         The state whose ``token_map [B, N0]`` gives the tokens entering block 0.
     """
-    from tokred.encoder import EmbedContext
-
-    enc = seg.encoder
-    ctx = EmbedContext(image=image, target=target, encoder=enc)
-    embedder = next((r for r in enc.reducers if r.replaces_embedding), None)
-    x, state = embedder.embed(ctx) if embedder is not None else enc.embed(image)
-    for r in enc.reducers:
-        x, state = r.on_embed(x, state, ctx)
-    return state
+    return seg.encoder.embed_stage(image, target)[1]
 
 
 def _boundaries(token_map: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
@@ -217,7 +200,6 @@ def token_fate_figure(rgb: np.ndarray, prediction: np.ndarray, embed_map: np.nda
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
-    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     H, W = rgb.shape[:2]
@@ -237,21 +219,8 @@ def token_fate_figure(rgb: np.ndarray, prediction: np.ndarray, embed_map: np.nda
     ax_img.set_title(f"tokens after embedding: {n_embed} of {n0} patches", fontsize=9)
 
     # 2. fate: block after which the token left (0-based in code, shown 1-based)
-    blocks = np.arange(depth)
     cmap_blocks = matplotlib.colormaps["plasma"](np.linspace(0.05, 0.9, max(depth, 1)))[:, :3]
-    colors = np.concatenate([[(0.2, 0.2, 0.2)], cmap_blocks, [_LIVE_COLOR]], 0)  # before block 1 | 1..depth | live
-    index = np.clip(exit_block, -1, depth) + 1  # [H0, W0] in [0, depth + 1]
-    ax_fate.imshow(rgb, alpha=0.35)
-    ax_fate.imshow(index, cmap=ListedColormap(colors), vmin=-0.5, vmax=depth + 1.5, alpha=0.75, interpolation="nearest",
-                   extent=(-0.5, W - 0.5, H - 0.5, -0.5))
-    ax_fate.add_collection(LineCollection(_boundaries(final_map, patch), colors="black", linewidths=0.4, alpha=0.6))
-    present = sorted(set(index.ravel().tolist()))
-    labels = {0: "left before block 1", depth + 1: "live to the end",
-              **{int(b) + 1: f"left after block {int(b) + 1}" for b in blocks}}  # index k = 0-based block + 1
-    handles = [Patch(facecolor=colors[k], label=labels[k]) for k in present]
-    ax_fate.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02),
-                   ncol=min(len(handles), 3), frameon=False)
-    ax_fate.set_title(f"token fate: {int((exit_block < depth).sum())} of {n0} cells left early", fontsize=9)
+    _fate_panel(ax_fate, rgb, final_map, exit_block, depth, cmap_blocks, patch)
 
     # 3. prediction
     pred = np.clip(prediction, 0, len(class_colors) - 1)
@@ -269,81 +238,49 @@ def token_fate_figure(rgb: np.ndarray, prediction: np.ndarray, embed_map: np.nda
         ax.set_yticks([])
 
     # 4. live tokens per block
-    x = np.arange(1, len(tokens_per_block) + 1)
-    ax_strip.bar(x, tokens_per_block, color=cmap_blocks[: len(x)], width=0.75)
-    ax_strip.axhline(n0, color="0.4", lw=0.8, ls="--")
-    ax_strip.text(x[-1] + 0.45 if len(x) else 1, n0, f"N0 = {n0}", fontsize=7, va="bottom", ha="right", color="0.3")
-    for xi, v in zip(x, tokens_per_block):
-        ax_strip.text(xi, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax_strip.set_xticks(x)
-    ax_strip.set_xlim(0.4, max(len(x), 1) + 0.6)
-    ax_strip.set_ylim(0, n0 * 1.18)
-    ax_strip.set_xlabel("block (1-based)", fontsize=8)
-    ax_strip.set_ylabel("tokens", fontsize=8)
-    ax_strip.tick_params(labelsize=7)
-    ax_strip.set_title("live tokens per block", fontsize=9)
+    _strip_panel(ax_strip, tokens_per_block, n0, cmap_blocks)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.04, right=0.99, top=0.9 if title else 0.95, bottom=0.1)
     return fig
 
 
-def viz_job(cfg: DictConfig) -> Path:
-    """``python -m tokred viz [overrides] viz.image=PATH [viz.out=PNG] [viz.label=PATH] [checkpoint=PATH]``.
+def _fate_panel(ax: Any, rgb: np.ndarray, final_map: np.ndarray, exit_block: np.ndarray, depth: int,
+                cmap_blocks: np.ndarray, patch: tuple[int, int]) -> None:
+    """Panel 2: the block after which each cell's token left, with the final token boundaries."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    Builds the configured model (loading ``checkpoint=`` when given), runs it on the image and writes the
-    token-fate PNG (module docstring). ``+image=`` / ``+out=`` / ``+label=`` are accepted as short forms.
+    H, W = rgb.shape[:2]
+    blocks = np.arange(depth)
+    colors = np.concatenate([[(0.2, 0.2, 0.2)], cmap_blocks, [_LIVE_COLOR]], 0)  # before block 1 | 1..depth | live
+    index = np.clip(exit_block, -1, depth) + 1  # [H0, W0] in [0, depth + 1]
+    ax.imshow(rgb, alpha=0.35)
+    ax.imshow(index, cmap=ListedColormap(colors), vmin=-0.5, vmax=depth + 1.5, alpha=0.75, interpolation="nearest",
+              extent=(-0.5, W - 0.5, H - 0.5, -0.5))
+    ax.add_collection(LineCollection(_boundaries(final_map, patch), colors="black", linewidths=0.4, alpha=0.6))
+    present = sorted(set(index.ravel().tolist()))
+    labels = {0: "left before block 1", depth + 1: "live to the end",
+              **{int(b) + 1: f"left after block {int(b) + 1}" for b in blocks}}  # index k = 0-based block + 1
+    handles = [Patch(facecolor=colors[k], label=labels[k]) for k in present]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02),
+              ncol=min(len(handles), 3), frameon=False)
+    ax.set_title(f"token fate: {int((exit_block < depth).sum())} of {exit_block.size} cells left early", fontsize=9)
 
-    Returns:
-        The PNG written.
 
-    Raises:
-        ValueError: no image given, or the configuration cannot be built.
-        FileNotFoundError: the image, label or checkpoint does not exist.
-    """
-    import matplotlib.pyplot as plt
-
-    from tokred.cli import build_model_from_config, method_name, resolve_device
-    from tokred.data import dataset_info
-    from tokred.engine.checkpoint import load_checkpoint
-
-    opts = dict(cfg.get("viz") or {})
-    image_path = opts.get("image") or cfg.get("image")
-    if not image_path:
-        raise ValueError("tokred viz needs an image: python -m tokred viz viz.image=PATH [viz.out=PNG] "
-                         "[checkpoint=PATH] [merger=... pruner=...]")
-    out_opt = opts.get("out") or cfg.get("out")
-    label_opt = opts.get("label") or cfg.get("label")
-    crop = tuple(int(v) for v in cfg.dataset.crop_size)
-    device = resolve_device(cfg.device)
-    seg = build_model_from_config(cfg)
-    if cfg.checkpoint:
-        seg.load_state_dict(load_checkpoint(cfg.checkpoint)["model"])
-    seg = seg.to(device).eval()
-    image, rgb = load_image(image_path, crop)
-    label_path = Path(label_opt) if label_opt else find_label(image_path)
-    target = None if label_path is None else load_label(label_path, str(cfg.dataset.name), crop).to(device)
-    if label_path is not None:
-        log.info("label %s (passed to the forward for oracle policies)", label_path)
-    image = image.to(device)
-    with torch.no_grad():
-        first = embedding_state(seg, image, target)
-        out = seg(image, target)
-    state = out.state
-    depth = len(state.tokens_per_block)
-    info = dataset_info(str(cfg.dataset.name))
-    method = method_name(cfg)
-    fig = token_fate_figure(
-        rgb, out.logits.argmax(1)[0].cpu().numpy(), first.token_map[0].view(*state.grid_size).cpu().numpy(),
-        state.token_map[0].view(*state.grid_size).cpu().numpy(), state.cell_exit_block(depth)[0].cpu().numpy(),
-        [float(t[0]) for t in state.tokens_per_block], depth, palette(info.name, int(cfg.dataset.num_classes)),
-        info.class_names,
-        title=f"{method} on {Path(image_path).name} ({cfg.model.name}, {crop[0]}x{crop[1]} px"
-              f"{', ' + Path(str(cfg.checkpoint)).parent.name if cfg.checkpoint else ', untrained'})")
-    default = Path("results/viz") / f"{Path(image_path).stem}_{method}.png"
-    path = unique_path(Path(out_opt) if out_opt else default)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    log.info("token-fate picture %s", path)
-    return path
+def _strip_panel(ax: Any, tokens_per_block: list[float], n0: int, cmap_blocks: np.ndarray) -> None:
+    """Panel 4: bars of the live patch tokens entering each block, against ``N0``."""
+    x = np.arange(1, len(tokens_per_block) + 1)
+    ax.bar(x, tokens_per_block, color=cmap_blocks[: len(x)], width=0.75)
+    ax.axhline(n0, color="0.4", lw=0.8, ls="--")
+    ax.text(x[-1] + 0.45 if len(x) else 1, n0, f"N0 = {n0}", fontsize=7, va="bottom", ha="right", color="0.3")
+    for xi, v in zip(x, tokens_per_block):
+        ax.text(xi, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xlim(0.4, max(len(x), 1) + 0.6)
+    ax.set_ylim(0, n0 * 1.18)
+    ax.set_xlabel("block (1-based)", fontsize=8)
+    ax.set_ylabel("tokens", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title("live tokens per block", fontsize=9)

@@ -37,6 +37,11 @@ class OracleSuperpatches(DCTS):
         ValueError: bad levels, thresholds or token caps (as ``DCTS``); in the forward, a missing target.
     """
 
+    @classmethod
+    def needs_fitting(cls, config) -> bool:
+        """Never: the ground truth is the policy, nothing is trained before the segmenter."""
+        return False
+
     def __init__(self, levels: Sequence[int] = (2, 4, 8, 16),
                  thresholds: Mapping | Sequence[float] | float | None = None, min_tokens: int | None = None,
                  max_tokens: int | None = None, proportional_attention: bool = False) -> None:

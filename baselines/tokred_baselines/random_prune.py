@@ -12,34 +12,35 @@ created on the fly (no per-forward state on the module); a token's score is ``u_
 covers (its lowest raster index, from ``state.token_map``), and the ``r`` lowest-scoring tokens are banked.
 Consequences, each tested: results are reproducible; a batch equals its images run one by one (the choice
 depends on the token's position only, never on the other images); training and inference prune alike.
+
+Everything but the score (block placement, budgets clipped per image, protection of prefix tokens and
+padding, top-k, banking, last-layer fusion) comes from tokred's ``ScoredPruner``, exactly as for Cropr.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from tokred import BackboneInfo, Pruner, TokenState
-from tokred.schedules import Schedule, as_schedule
+from tokred import TokenState
+from tokred.reducers import ScoredPruner
+from tokred.schedules import Schedule
 from tokred_baselines._tokens import first_patch
 
 __all__ = ["RandomPrune"]
 
-log = logging.getLogger(__name__)
-
 _SEED_STRIDE = 1_000_003  # (seed, block) -> one generator seed; a prime keeps nearby pairs apart
 
 
-class RandomPrune(Pruner):
+class RandomPrune(ScoredPruner):
     """Prunes ``r`` pseudo-random tokens after chosen blocks into the bank (Token Cropr's random baseline).
 
     Args:
-        r: tokens removed after each pruning block (the base budget of ``schedule``), the same count in
-            every image.
+        r: tokens removed after each pruning block (the base budget of ``schedule``); each image's budget is
+            clipped to leave it at least one live patch token.
         schedule: budget schedule; None -> ``Constant(r)``; a Mapping -> ``build_schedule(r=r, **mapping)``.
             Budgets are indexed by block: the module after block ``i`` removes ``budgets[i]``.
         blocks: 0-based indices of the blocks AFTER which tokens are pruned, strictly increasing, each in
@@ -54,68 +55,24 @@ class RandomPrune(Pruner):
             ``[0, depth - 1)`` or a budget that leaves no patch token at the training grid.
     """
 
-    kind: ClassVar[str] = "pruner"
+    label: ClassVar[str] = "random_prune"
 
     def __init__(self, r: int = 8, schedule: Schedule | Mapping[str, Any] | None = None,
                  blocks: Sequence[int] | None = None, seed: int = 0, last_layer_fusion: bool = True) -> None:
-        super().__init__()
-        if r < 0:
-            raise ValueError(f"random_prune r must be >= 0 (tokens removed per block), got {r}")
         if seed < 0:
             raise ValueError(f"random_prune seed must be >= 0, got {seed}")
-        self.schedule: Schedule = as_schedule(schedule, r, "random_prune")
-        self.r = int(r)
+        super().__init__(r=r, schedule=schedule, blocks=blocks, last_layer_fusion=last_layer_fusion)
         self.seed = int(seed)
-        self.last_layer_fusion = bool(last_layer_fusion)
-        self.blocks_config = None if blocks is None else [int(b) for b in blocks]
-        if self.blocks_config is not None:
-            if any(b < 0 for b in self.blocks_config) or any(
-                    a >= b for a, b in zip(self.blocks_config, self.blocks_config[1:])):
-                raise ValueError(f"random_prune blocks must be 0-based, >= 0 and strictly increasing, "
-                                 f"got {self.blocks_config}")
-        self.blocks: tuple[int, ...] = ()
-
-    @classmethod
-    def identity_config(cls) -> dict[str, Any]:
-        """``r = 0``: nothing pruned, the output equals the unreduced model's."""
-        return {"r": 0}
 
     @classmethod
     def example_config(cls) -> dict[str, Any]:
         """6 tokens after each of blocks 0-3 of ``test_vit`` (depth 6): 80 -> 56 patch tokens on 8 x 10."""
         return {"r": 6}
 
-    def setup(self, info: BackboneInfo) -> None:
-        """Resolves the pruning blocks and checks the budget at the training grid.
-
-        Raises:
-            ValueError: a block outside ``[0, depth - 1)``, or fewer than one patch token left after some
-                pruning block at ``info.grid_size`` and the full budget.
-        """
-        super().setup(info)
-        depth = info.depth
-        blocks = list(range(max(depth - 2, 0))) if self.blocks_config is None else self.blocks_config
-        bad = [b for b in blocks if b >= depth - 1]
-        if bad:
-            raise ValueError(f"random_prune blocks {bad} are outside [0, {depth - 1}) for depth {depth} (0-based; "
-                             "pruning after the final block removes nothing); drop them")
-        n0 = info.grid_size[0] * info.grid_size[1]
-        budgets = self.schedule.budgets(depth, n0, 1.0)
-        n = n0
-        for b in blocks:
-            n -= budgets[b]
-            if n < 1:
-                raise ValueError(f"random_prune r={self.r} (schedule {self.schedule.config()}) leaves {n} of {n0} "
-                                 f"patch tokens after block {b} at grid_size {tuple(info.grid_size)}; lower r or "
-                                 "prune after fewer blocks")
-        self.blocks = tuple(blocks)
-        log.info("random_prune: after blocks %s (0-based), %d patch tokens left, fusion before block %d: %s",
-                 list(blocks), n, depth - 1, self.last_layer_fusion)
-
     def extra_config(self) -> dict[str, Any]:
-        return {"r": self.r, "schedule": self.schedule.config(),
-                "blocks": list(self.blocks) if self.blocks else self.blocks_config, "seed": self.seed,
-                "last_layer_fusion": self.last_layer_fusion}
+        cfg = super().extra_config()
+        cfg.pop("first_extra")  # not a parameter of this baseline
+        return {**cfg, "seed": self.seed}
 
     def patch_scores(self, block: int, num_patches: int, device: torch.device | None = None) -> Tensor:
         """The fixed pseudo-random score of every patch position for one block.
@@ -131,37 +88,11 @@ class RandomPrune(Pruner):
         g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + block)
         return torch.rand(num_patches, generator=g).to(device)
 
-    def on_block_start(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
-        """Last-layer fusion: before the final block every banked token rejoins the live set."""
-        if self.last_layer_fusion and self.info is not None and block == self.info.depth - 1:
-            return state.unbank(x)
-        return x, state
+    def score(self, block: int, x: Tensor, state: TokenState) -> Tensor:
+        """``[B, N]``: each token's score is its first (lowest-index) patch's entry of ``patch_scores``.
 
-    def on_block(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
-        """After a pruning block, banks the ``r`` lowest-scoring tokens of every image.
-
-        Prefix tokens and padding slots are never chosen; ``r`` is clipped so that at least one patch token
-        per image stays live (other image sizes, tokens already merged).
-
-        Args:
-            block: 0-based block index.
-            x: ``[B, N, C]`` tokens.
-            state: the token state.
-
-        Returns:
-            ``(x' [B, N - r, C] (plus padding when images entered with different counts), state)``.
+        Prefix tokens and padding slots (which cover no patch) get any value; ``ScoredPruner`` protects them.
         """
-        if block not in self.blocks:
-            return x, state
-        r = self.schedule.budgets(self.info.depth, state.num_patches, self.progress)[block]
-        r = min(r, int(state.live_patch_tokens().min()) - 1)
-        if r <= 0:
-            return x, state
         N0 = state.num_patches
         first = first_patch(state, x.shape[1])  # [B, N], N0 for prefix and padding
-        table = self.patch_scores(block, N0, x.device)  # [N0]
-        scores = table[first.clamp_max(N0 - 1)]  # [B, N]
-        scores = scores.masked_fill((first >= N0) | ~state.valid_mask(), float("inf"))
-        drop = scores.topk(r, dim=1, largest=False).indices  # [B, r]
-        keep = torch.ones_like(scores, dtype=torch.bool).scatter(1, drop, False)  # [B, N]
-        return state.split(x, keep, block)
+        return self.patch_scores(block, N0, x.device)[first.clamp_max(N0 - 1)]  # [B, N]

@@ -1,29 +1,39 @@
-"""Data layer of tokred: data set registry, loaders and joint image/label transforms.
+"""Data layer of tokred: data set specs and registry, loaders, joint image/label transforms, eval collate.
 
-Every data set item is ``(image, label)``: image float32 [3, H, W] normalised with
-``IMAGENET_MEAN``/``IMAGENET_STD``; label int64 [H, W] of train ids with 255 = ignore. In eval
-mode the label keeps its original resolution (see :func:`build_dataset`).
+Every data set item is ``(image, label)``: image float32 [3, H, W] normalised with the spec's mean/std
+(ImageNet); label int64 [H, W] of train ids with 255 = ignore. In eval mode the label keeps its original
+resolution (see :func:`build_dataset`). A data set is one :class:`DatasetSpec` registered in
+``tokred.plugins.DATASETS`` (``tokred/data/camvid.py``, ``ade20k.py``, ``cityscapes.py``).
+
+Names are imported on first access, so looking up a spec (``tokred.plugins.DATASETS.get("camvid")``,
+``tokred.data.spec``) does not import torch; the loaders do.
 """
 
-from tokred.data.build import build_dataset, default_sample_root
-from tokred.data.datasets import SegmentationDataset
-from tokred.data.info import (
-    DATASET_NAMES,
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DatasetInfo,
-    dataset_info,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DATASET_NAMES",
-    "IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "DatasetInfo",
-    "SegmentationDataset",
-    "build_dataset",
-    "dataset_info",
-    "default_sample_root",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TEST_PIPELINES": "build", "InferenceSettings": "build", "build_dataset": "build",
+    "default_sample_root": "build", "eval_collate": "build", "eval_inference": "build",
+    "SegmentationDataset": "datasets",
+    "DATASET_NAMES": "info", "DatasetInfo": "info", "check_name": "info", "dataset_info": "info",
+    "dataset_names": "info", "get_spec": "info",
+    "IGNORE_INDEX": "spec", "IMAGENET_MEAN": "spec", "IMAGENET_STD": "spec", "DatasetSpec": "spec",
+    "TestPipeline": "spec",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tokred.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tokred.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

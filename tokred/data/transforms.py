@@ -14,9 +14,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from tokred.data.info import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from tokred.data.spec import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TestPipeline
 
-__all__ = ["SegTransform", "build_eval_transform", "build_train_transform"]
+__all__ = ["SegTransform", "build_eval_transform", "build_protocol_transform", "build_train_transform"]
 
 #: Callable taking (image uint8 [3, H, W], label uint8 [1, H, W]) and returning
 #: (image float32 [3, H', W'], label int64 [1, H'', W'']).
@@ -131,3 +131,34 @@ def build_eval_transform(crop_size: tuple[int, int] | None) -> v2.Compose:
         steps.append(v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True))
     steps.extend(_to_float_normalised())
     return v2.Compose(steps)
+
+
+class _ProtocolResize(v2.Transform):
+    """Resizes each image (bilinear, antialiased) to ``pipeline.output_size(H, W)``: a size per image."""
+
+    def __init__(self, pipeline: TestPipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        size = self.pipeline.output_size(int(image.shape[-2]), int(image.shape[-1]))
+        if tuple(image.shape[-2:]) == tuple(size):
+            return image
+        return v2.functional.resize(image, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+def build_protocol_transform(pipeline: TestPipeline) -> v2.Compose:
+    """Builds the evaluation pipeline of a data set's protocol (mmseg ``test_pipeline``) for the image.
+
+    The image is resized by the protocol's rule (``none``: native size; ``keep_ratio``: e.g. ADE20K short
+    side 512 px, long side <= 2048 px; ``exact``), converted to float and normalised. As in
+    :func:`build_eval_transform` the label is left at its original resolution.
+
+    Args:
+        pipeline: the data set's :class:`TestPipeline`.
+
+    Returns:
+        A v2 transform mapping image uint8 [3, H, W] to float32 [3, H', W'] with
+        ``(H', W') = pipeline.output_size(H, W)`` px (sizes differ between images).
+    """
+    return v2.Compose([_ProtocolResize(pipeline), *_to_float_normalised()])

@@ -1,4 +1,4 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, then renamed over the target.
+"""Atomic checkpoints (``tokred.io.atomic_file``): written to a temporary file beside the target, then renamed.
 
 Checkpoints hold tensors and plain Python values only, so ``torch.load(weights_only=True)`` reads them and no
 pickled code runs.
@@ -6,12 +6,12 @@ pickled code runs.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tokred.io import atomic_file
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -19,15 +19,8 @@ __all__ = ["save_checkpoint", "load_checkpoint"]
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Writes ``payload`` (state dicts, epoch, ...) to ``path`` atomically; a crash never leaves a half file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_main_process", "world_size", "rank", "barrier", "all_reduce_sum"]
+__all__ = ["init_distributed", "is_main_process", "rank", "world_size"]
 
 
 def init_distributed(device: torch.device) -> torch.device:
@@ -28,24 +28,15 @@ def init_distributed(device: torch.device) -> torch.device:
 
 
 def world_size() -> int:
+    """Processes in the group (1 without torchrun)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 without torchrun)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def is_main_process() -> bool:
+    """Rank 0, the only process that writes files."""
     return rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sums ``t`` over ranks in place (a no-op on one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t

@@ -33,7 +33,8 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 3e-4, wei
     for name_, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name_.endswith(("pos_embed", "cls_token", "reg_token", "cls_emb")) else decay).append(p)
+        plain = p.ndim <= 1 or name_.endswith(("pos_embed", "cls_token", "reg_token", "cls_emb"))
+        (no_decay if plain else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
@@ -89,7 +90,8 @@ def train(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: 
             sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         n = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not (progress and is_main_process()))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not (progress and is_main_process()))
         for image, label in bar:
             if it >= total:
                 break

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokred.io import eval_mode
+
 __all__ = ["PRECISIONS", "BenchmarkOOMError", "available_devices", "benchmark", "compare", "cpu_name",
            "device_name", "pair_summary"]
 
@@ -139,15 +141,10 @@ def _num_threads(threads: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _bench_mode(models: list[nn.Module]) -> Iterator[None]:
-    flags = [{m: m.training for m in model.modules()} for model in models]
-    for model in models:
-        model.eval()
-    try:
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_mode(model))
         yield
-    finally:
-        for f in flags:
-            for m, t in f.items():
-                m.training = t
 
 
 class _Runner:

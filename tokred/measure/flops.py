@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from tokred.io import eval_mode
+
 with warnings.catch_warnings():  # fvcore's import scripts a helper; recent torch flags torch.jit as deprecated
     warnings.simplefilter("ignore", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
@@ -233,17 +235,6 @@ class _TraceSafeBoolScalars(TorchFunctionMode):
         return args, kwargs
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags.items():
-            m.training = t
-
-
 def _count_one(wrapped: nn.Module, inputs: tuple[Tensor, ...], handles: Mapping[str, Handle | None],
                reducer_names: list[tuple[str, nn.Module]]) -> dict[str, Any]:
     """fvcore analysis of one traced forward; returns flops by part, by operator and skipped ops."""
@@ -310,7 +301,7 @@ def count_gflops(model: nn.Module, images: Tensor, targets: Tensor | None = None
     old_level = fv_log.level
     fv_log.setLevel(logging.ERROR)
     try:
-        with _eval_mode(model), torch.no_grad(), _reducer_scopes(model) as names, _TraceSafeBoolScalars(), \
+        with eval_mode(model), torch.no_grad(), _reducer_scopes(model) as names, _TraceSafeBoolScalars(), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # jit tracer / deprecation chatter; skipped ops are reported below
             for b in range(images.shape[0]):
@@ -321,6 +312,63 @@ def count_gflops(model: nn.Module, images: Tensor, targets: Tensor | None = None
     out = _summarise(per_image, [int(images.shape[-2]), int(images.shape[-1])])
     log.debug("counted %.4f GFLOPs/image over %d images; not counted (no handle): %s", out["gflops"],
               out["num_images"], out["skipped_ops"])
+    return out
+
+
+def count_gflops_windows(model: nn.Module, images: Sequence[Tensor], mode: str = "whole",
+                         crop: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
+                         targets: Sequence[Tensor] | None = None,
+                         handles: Mapping[str, Handle | None] | None = None) -> dict[str, Any]:
+    """GFLOPs per image under an evaluation protocol: whole-image or sliding-window inference.
+
+    Each image is split exactly as ``tokred.engine.evaluate.segment_images`` splits it (whole: padded to a
+    multiple of patch_size; slide: windows of ``crop`` px every ``stride`` px, padded up to the window where
+    smaller) and every window is traced on its own at batch 1 with its own token counts. The GFLOPs of an image
+    are the SUM over its windows (what segmenting that image costs); the result averages over images and
+    reports how many windows each image took. The averaging of logits in overlaps is elementwise and not
+    counted.
+
+    Args:
+        model: a ``Segmenter``.
+        images: ``[3, H_i, W_i]`` normalised images at the protocol's resolution (sizes may differ).
+        mode: ``"whole"`` or ``"slide"``.
+        crop / stride: ``(H, W)`` px window and step of slide mode (stride None = 2/3 of the window).
+        targets: optional ``[h_i, w_i]`` labels (oracle policies); resized (nearest) and cut like the image.
+        handles: extra fvcore op handles, as in :func:`count_gflops`.
+
+    Returns:
+        The keys of :func:`count_gflops` with per-image numbers summed over windows (``per_image``,
+        ``by_module``, ...), ``image_hw`` (the distinct input sizes [H, W] px, or one), plus ``windows`` (list:
+        windows per image) and ``windows_per_image`` (their mean; 1.0 in whole mode).
+
+    Raises:
+        ValueError: no images, unknown mode, slide without ``crop``, or ``targets`` not one per image.
+    """
+    from tokred.engine.evaluate import forward_inputs
+
+    if not len(images):
+        raise ValueError("count_gflops_windows needs at least one image")
+    if targets is not None and len(targets) != len(images):
+        raise ValueError(f"{len(targets)} targets for {len(images)} images")
+    per_image: list[dict[str, Any]] = []
+    windows: list[int] = []
+    sizes = set()
+    for i, image in enumerate(images):
+        pairs = forward_inputs(model, image, mode, crop, stride, None if targets is None else targets[i])
+        batch = torch.stack([x for x, _ in pairs])
+        lbl = None if targets is None else torch.stack([t for _, t in pairs]).long()
+        res = count_gflops(model, batch, lbl, handles)  # every window traced alone at batch 1
+        n = res["num_images"]  # windows of this image: means * n = sums over its windows
+        sizes.add((int(image.shape[-2]), int(image.shape[-1])))
+        windows.append(len(pairs))
+        per_image.append({"total": sum(res["per_image"]) * 1e9,
+                          **{key: {k: v * n * 1e9 for k, v in res[src].items()} for key, src in
+                             (("parts", "by_module"), ("reducers", "by_reducer"), ("operators", "by_operator"))},
+                          "skipped": {k: v * n for k, v in res["skipped_ops"].items()}})
+    distinct = sorted(sizes)
+    out = _summarise(per_image, list(distinct[0]) if len(distinct) == 1 else [list(s) for s in distinct])
+    out["windows"] = windows
+    out["windows_per_image"] = sum(windows) / len(windows)
     return out
 
 

@@ -15,6 +15,12 @@ Definitions (all over every image seen, pooled):
   ``i < 0``). Cropr's last-layer fusion re-admits banked tokens before the last block: they still count as
   having left, because they skipped the blocks in between.
 * ``halted_patch_fraction`` = patches held by tokens that left (``"banked_patches"``) / ``N0``.
+
+Sliding-window evaluation (``eval.mode=slide``, the ADE20K/Cityscapes protocols): every window is its own
+forward with its own token state, and ``update(state, image_ids)`` says which image each row belongs to. Per
+image, every count is the SUM over its windows (tokens entering block ``i`` over all windows, ``N0`` = patches of
+all windows), so "per image" keeps meaning the cost of segmenting one image; ``windows_per_image`` reports how
+many windows that took (1 in whole mode).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from tokred.state import TokenState
 
@@ -38,11 +46,13 @@ class TokenAccounting:
     Args:
         histogram_bins: bins of the histogram of tokens entering block 0 per image.
 
+    Raises:
+        ValueError: ``histogram_bins`` < 1.
+
     Example::
 
         acc = TokenAccounting()
-        for images, _ in loader:
-            acc.update(seg(images).state)
+        evaluate(seg, loader, ..., on_state=acc.update)   # calls acc.update(state, image_ids)
         metrics.update(acc.summary())
     """
 
@@ -54,51 +64,63 @@ class TokenAccounting:
 
     def reset(self) -> None:
         """Forgets everything accumulated."""
-        self.num_images = 0
-        self._num_patches = 0.0  # sum of N0 over images
-        self._block_sum: list[float] = []
-        self._block_min: list[float] = []
-        self._block_max: list[float] = []
-        self._block_count: list[int] = []
-        self._first_block: list[int] = []  # tokens entering block 0, one per image
+        self._counts: dict[int, np.ndarray] = {}  # image id -> [depth] tokens entering each block, summed over windows
+        self._patches: dict[int, float] = {}  # image id -> N0 summed over its windows
+        self._windows: dict[int, int] = {}
+        self._next_id = 0
         self._stats: dict[str, float] = {}
 
-    def update(self, state: TokenState) -> None:
-        """Adds one batch's final state.
+    @property
+    def num_images(self) -> int:
+        """Distinct images seen (windows of one image count once)."""
+        return len(self._counts)
+
+    def update(self, state: TokenState, image_ids: Tensor | list[int] | None = None) -> None:
+        """Adds one forward's final state.
 
         Args:
-            state: the final ``TokenState`` of a forward (``SegOutput.state``), batch ``B``.
+            state: the final ``TokenState`` of a forward (``SegOutput.state``), batch ``B`` (images or windows).
+            image_ids: ``[B]`` ints: the image each row belongs to (rows sharing an id are windows of one image,
+                possibly spread over several forwards); None = every row is a new image.
 
         Raises:
-            ValueError: the state recorded no block entries (not a state returned by the encoder).
+            ValueError: the state recorded no block entries (not a state returned by the encoder), or
+                ``image_ids`` does not have ``B`` entries.
         """
         if not state.tokens_per_block:
             raise ValueError("state.tokens_per_block is empty; pass the final state of a forward (SegOutput.state)")
         counts = torch.stack([t.detach().to("cpu", torch.float64) for t in state.tokens_per_block])  # [depth, B]
         depth, batch = counts.shape
-        while len(self._block_sum) < depth:
-            self._block_sum.append(0.0)
-            self._block_min.append(float("inf"))
-            self._block_max.append(float("-inf"))
-            self._block_count.append(0)
-        sums, mins, maxs = counts.sum(1).tolist(), counts.min(1).values.tolist(), counts.max(1).values.tolist()
-        for i in range(depth):
-            self._block_sum[i] += sums[i]
-            self._block_min[i] = min(self._block_min[i], mins[i])
-            self._block_max[i] = max(self._block_max[i], maxs[i])
-            self._block_count[i] += batch
-        self._first_block.extend(int(v) for v in counts[0].tolist())
+        if image_ids is None:
+            ids = list(range(self._next_id, self._next_id + batch))
+        else:
+            ids = [int(i) for i in (image_ids.tolist() if isinstance(image_ids, Tensor) else image_ids)]
+            if len(ids) != batch:
+                raise ValueError(f"image_ids has {len(ids)} entries for a state of batch {batch}")
+        self._next_id = max(self._next_id, max(ids) + 1)
+        cols = counts.numpy().T  # [B, depth]
+        for img, col in zip(ids, cols):
+            prev = self._counts.get(img)
+            if prev is None:
+                self._counts[img] = col.copy()
+            else:
+                if len(prev) < depth:
+                    prev = np.pad(prev, (0, depth - len(prev)))
+                prev[:depth] += col
+                self._counts[img] = prev
+            self._patches[img] = self._patches.get(img, 0.0) + float(state.num_patches)
+            self._windows[img] = self._windows.get(img, 0) + 1
         for name, value in state.stats.items():
             self._stats[name] = self._stats.get(name, 0.0) + float(value.detach().to(torch.float64).sum())
-        self.num_images += batch
-        self._num_patches += float(state.num_patches * batch)
 
     def summary(self) -> dict[str, Any]:
         """Pooled numbers over every image seen (plain python types, JSON-serialisable).
 
         Returns:
-            ``num_images``; ``num_patches`` (mean ``N0``); ``tokens_per_block`` (mean live patch tokens entering
-            each block, one float per block), ``tokens_per_block_min``, ``tokens_per_block_max``;
+            ``num_images``; ``num_patches`` (mean ``N0`` per image, summed over its windows);
+            ``windows_per_image`` (mean windows per image; 1.0 in whole mode), ``num_windows`` (forward rows);
+            ``tokens_per_block`` (mean live patch tokens entering each block per image, summed over its
+            windows, one float per block), ``tokens_per_block_min``, ``tokens_per_block_max`` (over images);
             ``token_reduction``; ``halted_fraction``; ``halted_patch_fraction``; ``banked_after_block``
             (``{block index (0-based, str): {"mean": tokens per image, "fraction": of tokens entered}}``);
             ``halted_stats`` (``{"halted_*" stat: mean per image}``); ``other_stats`` (any other stat: mean per
@@ -111,9 +133,13 @@ class TokenAccounting:
         if self.num_images == 0:
             raise ValueError("TokenAccounting.summary(): no state was added; call update(state) in the eval loop")
         n = self.num_images
-        means = [s / c for s, c in zip(self._block_sum, self._block_count)]
+        depth = max(len(c) for c in self._counts.values())
+        per_image = np.stack([np.pad(c, (0, depth - len(c))) for c in self._counts.values()])  # [n, depth]
+        sums = per_image.sum(0)
+        means = (sums / n).tolist()
+        num_patches = sum(self._patches.values())
         before_block0 = sum(v for k, v in self._stats.items() if (m := _EXIT_KEY.match(k)) and int(m[1]) < 0)
-        entered = self._block_sum[0] + before_block0
+        entered = float(sums[0]) + before_block0
         banked = self._stats.get("banked", 0.0)
         exits = {}
         for k, v in self._stats.items():
@@ -123,23 +149,26 @@ class TokenAccounting:
         known = {"banked", "banked_patches"}
         other = {k: v / n for k, v in sorted(self._stats.items())
                  if k not in known and not k.startswith("halted_") and not _EXIT_KEY.match(k)}
+        windows = sum(self._windows.values())
         return {
             "num_images": n,
-            "num_patches": self._num_patches / n,
+            "num_patches": num_patches / n,
+            "windows_per_image": windows / n,
+            "num_windows": windows,
             "tokens_per_block": means,
-            "tokens_per_block_min": list(self._block_min),
-            "tokens_per_block_max": list(self._block_max),
-            "token_reduction": (self._num_patches / n) / means[0] if means[0] > 0 else float("inf"),
+            "tokens_per_block_min": per_image.min(0).tolist(),
+            "tokens_per_block_max": per_image.max(0).tolist(),
+            "token_reduction": (num_patches / n) / means[0] if means[0] > 0 else float("inf"),
             "halted_fraction": banked / entered if entered else 0.0,
-            "halted_patch_fraction": self._stats.get("banked_patches", 0.0) / self._num_patches,
+            "halted_patch_fraction": self._stats.get("banked_patches", 0.0) / num_patches,
             "banked_after_block": dict(sorted(exits.items(), key=lambda kv: int(kv[0]))),
             "halted_stats": halted,
             "other_stats": other,
-            "tokens_first_block": self._distribution(),
+            "tokens_first_block": self._distribution(per_image[:, 0]),
         }
 
-    def _distribution(self) -> dict[str, Any]:
-        t = torch.tensor(self._first_block, dtype=torch.float64)
+    def _distribution(self, first: np.ndarray) -> dict[str, Any]:
+        t = torch.from_numpy(np.ascontiguousarray(first, dtype=np.float64))
         qs = torch.quantile(t, torch.tensor(_QUANTILES, dtype=torch.float64)).tolist()
         lo, hi = t.min().item(), t.max().item()
         if hi == lo:  # one value: a single bin around it

@@ -1,14 +1,24 @@
-"""timm ViT backbones (ViT-T/S/B/L with 16x16 patches, a tiny test model) and local checkpoint loading.
+"""timm backbones (ViT-T/S/B/L/16, DINOv2 with registers, EVA-02, tiny test models), pretrained tags, checkpoints.
 
-No weights can be downloaded by tokred: backbones start from random init, or from a local timm / tokred
-checkpoint given with ``model.checkpoint=PATH`` (``.safetensors`` or ``.pth``; ``.pth`` is read with
-``torch.load(weights_only=True)``, so no pickled code runs). Position embeddings are resampled to the
-crop's grid.
+Weights come from one of:
+
+* random init (default);
+* ``pretrained``: a timm pretrained tag (``vit_large_patch16_384.augreg_in21k_ft_in1k``,
+  ``vit_small_patch14_reg4_dinov2.lvd142m``, ``eva02_large_patch14_224.mim_m38m``, or a bare tag such as
+  ``augreg_in21k_ft_in1k`` for the model's architecture) or ``True`` for the architecture's default tag,
+  loaded through timm's own machinery (``timm.create_model(..., pretrained=True)``: downloads into the Hugging
+  Face cache, and serves the cached file offline under ``HF_HUB_OFFLINE=1``);
+* ``checkpoint``: a local timm / tokred file (``.safetensors``, ``.pth`` read with
+  ``torch.load(weights_only=True)`` so no pickled code runs, or a big_vision / AugReg ``.npz``).
+
+Position embeddings are resampled to the crop's grid in every case.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,44 +26,153 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "build_backbone", "load_state_dict_file", "load_backbone_checkpoint"]
+__all__ = ["BACKBONES", "build_backbone", "hf_cache_dir", "load_state_dict_file", "load_backbone_checkpoint",
+           "resolve_pretrained"]
 
 log = logging.getLogger(__name__)
 
-# tokred name -> timm architecture (embed_dim / num_heads / depth in the comment, Segmenter Table 1)
+# tokred name -> timm architecture (embed_dim / num_heads / depth, patch size in the comment)
 BACKBONES: dict[str, str] = {
-    "vit_tiny": "vit_tiny_patch16_224",  # 192 / 3 / 12
+    "vit_tiny": "vit_tiny_patch16_224",  # 192 / 3 / 12, patch 16 (Segmenter Table 1)
     "vit_small": "vit_small_patch16_224",  # 384 / 6 / 12
     "vit_base": "vit_base_patch16_224",  # 768 / 12 / 12
     "vit_large": "vit_large_patch16_224",  # 1024 / 16 / 24
+    "dinov2_small_reg": "vit_small_patch14_reg4_dinov2",  # 384 / 6 / 12, patch 14, 4 registers, LayerScale
+    "eva02_tiny": "eva02_tiny_patch14_224",  # 192 / 3 / 12, patch 14, RoPE, SwiGLU
+    "eva02_large": "eva02_large_patch14_224",  # 1024 / 16 / 24, patch 14, RoPE, SwiGLU, scale-norm MLP
     "test_vit": "test_vit",  # 64 / 2 / 6, timm's own test model
+    "test_dinov2": "vit_small_patch14_reg4_dinov2",  # 64 / 2 / 6, tiny DINOv2 layout (tests)
+    "test_eva": "eva02_tiny_patch14_224",  # 64 / 2 / 6, tiny EVA-02 layout (tests)
 }
+
+# architecture kwargs of the tiny test models (explicit timm kwargs override them)
+_TINY: dict[str, dict[str, Any]] = {
+    "test_dinov2": {"embed_dim": 64, "num_heads": 2, "depth": 6},
+    "test_eva": {"embed_dim": 64, "num_heads": 2, "depth": 6},
+}
+
+_FAMILIES = ("vit_", "test_vit", "eva02_", "eva_")
+_DEFAULT_TAG_WORDS = ("true", "default", "yes", "1")
+
+
+def _known_archs() -> list[str]:
+    return sorted({m for pat in ("vit_*", "test_vit*", "eva02_*", "eva_*") for m in timm.list_models(pat)})
+
+
+def _resolve_arch(name: str) -> str:
+    arch = BACKBONES.get(name, name)
+    if arch.startswith(_FAMILIES) and timm.is_model(arch):
+        return arch
+    close = difflib.get_close_matches(name, [*BACKBONES, *_known_archs()], n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)} (or a timm vit_* / eva02_* "
+                     f"architecture name).{hint}")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache folder in effect now (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_pretrained(arch: str, pretrained: str | bool) -> str:
+    """The full timm name ``arch.tag`` that ``pretrained`` designates.
+
+    Args:
+        arch: the timm architecture of the model name.
+        pretrained: ``True`` (or ``"true"``/``"default"``) for the architecture's default tag, a full
+            ``arch.tag`` name, or a bare ``tag`` of ``arch``.
+
+    Raises:
+        ValueError: timm knows no such pretrained name (close names from ``timm.list_pretrained()``), or the
+            architecture has no pretrained weights.
+    """
+    if pretrained is True or (isinstance(pretrained, str) and pretrained.strip().lower() in _DEFAULT_TAG_WORDS):
+        tags = timm.list_pretrained(f"{arch}.*")
+        if not tags:
+            raise ValueError(f"timm has no pretrained weights for {arch!r}; pick a model with weights, e.g. "
+                             f"{', '.join(timm.list_pretrained(arch.split('_')[0] + '_*')[:3])}")
+        from timm.models import get_pretrained_cfg
+
+        default = get_pretrained_cfg(arch)
+        tag = getattr(default, "tag", None) if default is not None else None
+        return f"{arch}.{tag}" if tag else tags[0]
+    full = str(pretrained).strip()
+    if "." not in full:
+        full = f"{arch}.{full}"
+    known = timm.list_pretrained()
+    if full not in known:
+        close = difflib.get_close_matches(full, known, n=5, cutoff=0.5)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ValueError(f"timm knows no pretrained weights {full!r}{hint} (all: timm.list_pretrained())")
+    if full.split(".")[0] != arch:
+        log.warning("pretrained %s has architecture %s, not %s of the model name; building %s",
+                    full, full.split(".")[0], arch, full.split(".")[0])
+    return full
 
 
 def build_backbone(name: str, img_size: tuple[int, int], drop_path_rate: float = 0.0,
-                   checkpoint: str | Path | None = None, **timm_kwargs: Any) -> nn.Module:
-    """Creates a timm ViT (random init) sized for ``img_size`` and optionally loads a local checkpoint.
+                   checkpoint: str | Path | None = None, pretrained: str | bool | None = None,
+                   **timm_kwargs: Any) -> nn.Module:
+    """Creates a timm backbone sized for ``img_size``: random init, a timm pretrained tag, or a local checkpoint.
 
     Args:
-        name: a key of ``BACKBONES`` or any timm ViT architecture name.
+        name: a key of ``BACKBONES`` or any timm ``vit_*`` / ``eva02_*`` architecture name.
         img_size: ``(H, W)`` px of the training crop; the position embedding is built for this grid.
         drop_path_rate: stochastic depth rate.
-        checkpoint: optional local file (timm or tokred format).
+        checkpoint: optional local file (timm or tokred format, ``.safetensors`` / ``.pth`` / ``.npz``).
+        pretrained: optional timm pretrained tag (full ``arch.tag`` or bare ``tag``) or ``True`` for the
+            default tag; downloaded to / served from the Hugging Face cache (``hf_cache_dir()``).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``init_values=1e-5`` for LayerScale,
             ``qk_norm=True``, ``reg_tokens=4``, ``embed_dim``/``depth``/``num_heads`` for custom sizes).
 
     Raises:
-        ValueError: unknown backbone name (valid names listed).
-        FileNotFoundError / ValueError: see ``load_backbone_checkpoint``.
+        ValueError: unknown backbone name (valid names and close matches listed), an unknown pretrained tag
+            (close names listed), both ``pretrained`` and ``checkpoint`` given, or pretrained weights that do
+            not fit the requested sizes.
+        FileNotFoundError: the pretrained file is neither cached nor downloadable (offline); names the tag,
+            the cache folder and the ``model.checkpoint=FILE`` alternative. Checkpoint errors: see
+            ``load_backbone_checkpoint``.
     """
-    arch = BACKBONES.get(name, name)
-    if arch not in timm.list_models() or not arch.startswith(("vit_", "test_vit")):
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)} (or a timm vit_* name)")
-    vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=tuple(img_size),
-                            drop_path_rate=drop_path_rate, dynamic_img_size=True, **timm_kwargs)
+    arch = _resolve_arch(name)
+    kwargs = {**_TINY.get(name, {}), **timm_kwargs}
+    common = dict(num_classes=0, img_size=tuple(img_size), drop_path_rate=drop_path_rate, dynamic_img_size=True)
+    if pretrained in (None, False, "", "null", "none", "None"):
+        model = timm.create_model(arch, pretrained=False, **common, **kwargs)
+    else:
+        if checkpoint:
+            raise ValueError(f"give either model.pretrained ({pretrained!r}) or model.checkpoint ({checkpoint}), "
+                             "not both")
+        full = resolve_pretrained(arch, pretrained)
+        model = _create_pretrained(full, common, kwargs)
     if checkpoint:
-        load_backbone_checkpoint(vit, checkpoint)
-    return vit
+        load_backbone_checkpoint(model, checkpoint)
+    return model
+
+
+def _create_pretrained(full: str, common: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    cache = hf_cache_dir()
+    try:
+        model = timm.create_model(full, pretrained=True, cache_dir=str(cache), **common, **kwargs)
+    except (OSError, ConnectionError) as err:  # huggingface_hub's LocalEntryNotFoundError is a FileNotFoundError
+        raise FileNotFoundError(
+            f"pretrained weights {full!r} are not in the Hugging Face cache {cache} and could not be downloaded "
+            f"({type(err).__name__}); download them once online (unset HF_HUB_OFFLINE), point HF_HOME / "
+            "HF_HUB_CACHE at a cache that holds them, or pass a local file with model.checkpoint=FILE "
+            "(and model.pretrained=null)") from err
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
+            raise ValueError(f"pretrained weights {full!r} do not fit the requested architecture {kwargs}: "
+                             f"{str(err).splitlines()[0]}...; set model.embed_dim/depth/num_heads (and "
+                             "backbone_kwargs) to the architecture's own") from err
+        raise
+    log.info("loaded pretrained backbone %s (timm, cache %s)", full, cache)
+    return model
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -76,9 +195,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         elif path.suffix in (".pth", ".pt", ".bin"):
             sd = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise ValueError(f"checkpoint {path}: unknown suffix {path.suffix!r}; use .safetensors or .pth")
+            raise ValueError(f"checkpoint {path}: unknown suffix {path.suffix!r}; use .safetensors, .pth or "
+                             "(ViT only) .npz")
     except (RuntimeError, OSError, EOFError) as err:
-        raise ValueError(f"checkpoint {path} could not be read ({err}); is it a complete torch/safetensors file?") from err
+        raise ValueError(f"checkpoint {path} could not be read ({err}); is it a complete torch/safetensors "
+                         "file?") from err
     except Exception as err:  # safetensors raises its own SafetensorError; pickle errors vary
         if isinstance(err, ValueError):
             raise
@@ -91,23 +212,54 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_backbone_checkpoint(vit: nn.Module, path: str | Path) -> None:
-    """Loads a timm ViT state dict, or the backbone part of a tokred checkpoint, into ``vit``.
+def _checkpoint_filter(model: nn.Module):
+    """timm's layout adapter for the model's family (``checkpoint_filter_fn`` of vision_transformer or eva)."""
+    from timm.models.eva import Eva
 
-    tokred checkpoints prefix backbone keys with ``encoder.vit.``; timm's ``checkpoint_filter_fn`` then
-    adapts layouts and resamples the position embedding to ``vit``'s grid. Classifier heads are ignored.
+    if isinstance(model, Eva):
+        from timm.models.eva import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    return checkpoint_filter_fn
+
+
+def _load_npz(model: nn.Module, path: Path) -> None:
+    """big_vision / AugReg ``.npz`` through timm's own ``VisionTransformer.load_pretrained`` (numpy, no pickle)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass model.checkpoint=PATH to a local file")
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"checkpoint {path}: .npz (big_vision / AugReg) weights load into timm VisionTransformer "
+                         f"models only, not {type(model).__name__}; convert it to .safetensors")
+    try:
+        model.load_pretrained(str(path))
+    except (KeyError, ValueError, RuntimeError, OSError, AssertionError) as err:
+        raise ValueError(f"checkpoint {path} does not match backbone or is not a big_vision .npz "
+                         f"({type(err).__name__}: {err}); check model= against the checkpoint") from err
+
+
+def load_backbone_checkpoint(vit: nn.Module, path: str | Path) -> None:
+    """Loads a timm state dict, the backbone part of a tokred checkpoint, or an AugReg ``.npz`` into ``vit``.
+
+    tokred checkpoints prefix backbone keys with ``encoder.vit.``; timm's ``checkpoint_filter_fn`` of the
+    model's family then adapts layouts and resamples the position embedding to the grid. Heads are ignored.
 
     Raises:
-        ValueError: the checkpoint's tensors do not match the backbone (names the first mismatches).
+        FileNotFoundError: the file does not exist.
+        ValueError: unreadable file, or tensors that do not match the backbone (names the first mismatches).
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+    path = Path(path)
+    if path.suffix == ".npz":
+        _load_npz(vit, path)
+        log.info("loaded backbone weights from %s", path)
+        return
     sd = load_state_dict_file(path)
     prefix = "encoder.vit."
     if any(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
-    sd = checkpoint_filter_fn(sd, vit)
+    sd = _checkpoint_filter(vit)(sd, vit)
     own = vit.state_dict()
     bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if bad:

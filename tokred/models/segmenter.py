@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from tokred.encoder import Encoder
 from tokred.models.backbone import build_backbone
-from tokred.models.decoders import build_decoder
+from tokred.models.decoders import Decoder, build_decoder
 from tokred.reducers.base import BackboneInfo, Reducer
 from tokred.reducers.registry import create_reducer
 from tokred.state import TokenState
@@ -40,7 +40,8 @@ class Segmenter(nn.Module):
 
     Args:
         encoder: ``Encoder`` with its reducers.
-        decoder: maps ``[B, C, H0, W0]`` to ``[B, K, H0, W0]``.
+        decoder: a ``Decoder`` mapping ``[B, C, H0, W0]`` (plus the taps of its ``out_indices``) to
+            ``[B, K, H0, W0]``; a plain ``nn.Module`` taking only the grid also works.
         num_classes: ``K``.
         ignore_index: label value ignored by the losses.
     """
@@ -71,10 +72,17 @@ class Segmenter(nn.Module):
         Returns:
             ``SegOutput`` with pixel logits ``[B, K, H, W]``.
         """
-        x, state = self.encoder(image, target)
+        out_indices = tuple(getattr(self.decoder, "out_indices", ()))
+        if out_indices:
+            x, state = self.encoder(image, target, taps=out_indices)
+        else:
+            x, state = self.encoder(image, target)
         bank_x = None if state.bank is None else self.encoder.final_norm(state.bank.x)
         grid = state.restore(x, bank_x)  # [B, C, H0, W0]
-        grid_logits = self.decoder(grid)  # [B, K, H0, W0]
+        if isinstance(self.decoder, Decoder):
+            grid_logits = self.decoder(grid, taps=dict(state.taps) if out_indices else None)  # [B, K, H0, W0]
+        else:
+            grid_logits = self.decoder(grid)
         kept = state.restore_bank_logits()
         if kept is not None:  # halted cells keep their exit prediction (STEP / DToP)
             logits_kept, mask = kept
@@ -133,7 +141,7 @@ def build_segmenter(model: str = "vit_tiny", num_classes: int = 11, crop_size: t
                     pruner_kwargs: Mapping[str, Any] | None = None, decoder_kwargs: Mapping[str, Any] | None = None,
                     backbone_kwargs: Mapping[str, Any] | None = None, checkpoint: str | None = None,
                     drop_path_rate: float = 0.0, grad_checkpointing: bool = False,
-                    ignore_index: int = 255) -> Segmenter:
+                    ignore_index: int = 255, pretrained: str | bool | None = None) -> Segmenter:
     """Builds the full pipeline without Hydra.
 
     Example::
@@ -145,17 +153,22 @@ def build_segmenter(model: str = "vit_tiny", num_classes: int = 11, crop_size: t
         model: backbone name (``tokred.models.backbone.BACKBONES``).
         num_classes: ``K``.
         crop_size: ``(H, W)`` px of the training crop, multiples of the patch size.
-        decoder: ``"linear"`` or ``"mask_transformer"``.
+        decoder: a name registered in ``tokred.plugins.DECODERS`` (``"linear"``, ``"mask_transformer"``, plug-ins).
         merger / pruner: registered reducer names or ready ``Reducer`` instances.
         merger_kwargs / pruner_kwargs: constructor arguments when given by name.
-        checkpoint: local backbone checkpoint (timm or tokred format).
+        decoder_kwargs: the decoder's constructor arguments (checked against its signature).
+        checkpoint: local backbone checkpoint (timm or tokred format); whole released segmentation
+            checkpoints load with ``tokred.models.checkpoints.load_segmentation_checkpoint`` afterwards.
+        pretrained: timm pretrained tag (or ``True``) for the backbone, see ``build_backbone``.
 
     Raises:
         ValueError: unknown names, a merger in the pruner slot (or vice versa), a crop that is not a multiple
-            of the patch size, or a reducer configuration that does not fit the backbone.
+            of the patch size, a decoder kwarg the decoder does not take, or a reducer configuration that does
+            not fit the backbone.
     """
+    extra: dict[str, Any] = {} if pretrained in (None, False) else {"pretrained": pretrained}
     vit = build_backbone(model, crop_size, drop_path_rate=drop_path_rate, checkpoint=checkpoint,
-                         **dict(backbone_kwargs or {}))
+                         **extra, **dict(backbone_kwargs or {}))
     ph, pw = vit.patch_embed.patch_size
     if crop_size[0] % ph or crop_size[1] % pw:
         raise ValueError(f"crop_size {tuple(crop_size)} px is not a multiple of the patch size {(ph, pw)}; "

@@ -4,13 +4,17 @@ A level-``L`` window (``L x L`` patches, ``L * patch_size`` px per side, aligned
 ``tokred.policy.partition``) is *uniform* when its labelled pixels hold exactly one class (CTS, Lu et al.
 CVPR 2023, Sec. 3.3; dCTS in STEP applies the same rule at every level, methods.md Sec. 1).
 
-Ignore pixels (documented choice, configurable):
+Ignore pixels (configurable; the defaults are CTS's labelling rule, tue-mps/cts-segmenter):
     * ``all_ignore``: windows whose pixels are all ``ignore_index``. CTS counts them as positive (sharing a
-      token there costs nothing in the evaluation), the default here.
-    * ``partial_ignore``: windows mixing one class with ignore pixels. Default positive: the labelled pixels
-      agree, so sharing loses nothing that is evaluated.
+      token there costs nothing in the evaluation): default ``"positive"``.
+    * ``partial_ignore``: windows mixing one class with ignore pixels. CTS counts them as negative (the window
+      holds two label values): default ``"negative"``. ``"positive"`` is tokred's earlier rule (the labelled
+      pixels agree, so sharing loses nothing that is evaluated).
     Each takes ``"positive"`` (target 1), ``"negative"`` (target 0) or ``"exclude"`` (target 0 and left out
     of the loss through the returned mask).
+
+Difference from the reference code: CTS's ADE20K policy loader also leaves one-class-plus-ignore windows
+in the outermost row and column of windows out of the loss; tokred applies one rule everywhere.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IGNORE_MODES", "window_labels", "oracle_scores", "resize_labels"]
+__all__ = ["DEFAULT_ALL_IGNORE", "DEFAULT_PARTIAL_IGNORE", "IGNORE_MODES", "window_labels", "oracle_scores",
+           "resize_labels"]
 
 IGNORE_MODES = ("positive", "negative", "exclude")
+DEFAULT_ALL_IGNORE = "positive"  # CTS: an all-ignore window is uniform
+DEFAULT_PARTIAL_IGNORE = "negative"  # CTS: one class plus ignore pixels is not uniform
 
 
 def _check_mode(value: str, name: str) -> None:
@@ -39,7 +46,8 @@ def resize_labels(label: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def window_labels(label: Tensor, level: int, patch_size: int, ignore_index: int = 255,
-                  all_ignore: str = "positive", partial_ignore: str = "positive") -> tuple[Tensor, Tensor]:
+                  all_ignore: str = DEFAULT_ALL_IGNORE,
+                  partial_ignore: str = DEFAULT_PARTIAL_IGNORE) -> tuple[Tensor, Tensor]:
     """Uniform / not-uniform target for every level-``L`` window of a label map.
 
     Args:
@@ -83,7 +91,8 @@ def window_labels(label: Tensor, level: int, patch_size: int, ignore_index: int 
 
 
 def oracle_scores(label: Tensor, levels: Sequence[int], patch_size: int, ignore_index: int = 255,
-                  all_ignore: str = "positive", partial_ignore: str = "positive") -> dict[int, Tensor]:
+                  all_ignore: str = DEFAULT_ALL_IGNORE,
+                  partial_ignore: str = DEFAULT_PARTIAL_IGNORE) -> dict[int, Tensor]:
     """Ground-truth homogeneity as policy scores: 1 for uniform windows, 0 otherwise (the oracle policy).
 
     Windows left out by ``"exclude"`` score 0 (never merged). Upper-bound baseline of methods.md Sec. 1.

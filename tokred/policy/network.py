@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokred.io import atomic_file, atomic_write_json
 from tokred.models.backbone import load_state_dict_file
 from tokred.policy.partition import check_levels
 
@@ -137,18 +138,24 @@ def save_policy(policy: PolicyNet, path: str | Path, metrics: Mapping[str, Any] 
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(sd, str(path))
-    elif path.suffix in (".pth", ".pt"):
-        torch.save(sd, path)
-    else:
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"policy checkpoint path {path} must end in .safetensors or .pth")
     meta = {"format": _FORMAT, **policy.config}
     if metrics:
         meta["metrics"] = dict(metrics)
-    _sidecar(path).write_text(json.dumps(meta, indent=2, default=float))
+    # Never over existing weights. The sidecar goes first (an orphan sidecar without weights may be replaced),
+    # so a reader that finds the weights always finds their description.
+    if path.exists():
+        raise FileExistsError(f"{path} exists; tokred never overwrites a trained policy: delete it or choose "
+                              "another path (policy.out=...)")
+    atomic_write_json(_sidecar(path), meta, default=float)
+    with atomic_file(path, exclusive=True) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, tmp)
     log.info("saved policy to %s", path)
     return path
 

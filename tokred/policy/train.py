@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tokred.policy.labels import resize_labels, window_labels
+from tokred.policy.labels import DEFAULT_ALL_IGNORE, DEFAULT_PARTIAL_IGNORE, resize_labels, window_labels
 from tokred.policy.network import PolicyNet, save_policy
 from tokred.policy.partition import normalize_thresholds, quadtree_partition
 
@@ -42,7 +42,7 @@ def _collate(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 def policy_loss(logits: Mapping[int, Tensor], label: Tensor, patch_size: int, ignore_index: int = 255,
-                all_ignore: str = "positive", partial_ignore: str = "positive") -> Tensor:
+                all_ignore: str = DEFAULT_ALL_IGNORE, partial_ignore: str = DEFAULT_PARTIAL_IGNORE) -> Tensor:
     """Mean over levels of the masked BCE between window logits and ground-truth uniformity.
 
     Args:
@@ -66,7 +66,8 @@ def policy_loss(logits: Mapping[int, Tensor], label: Tensor, patch_size: int, ig
 
 @torch.no_grad()
 def evaluate_policy(policy: PolicyNet, loader: DataLoader, thresholds: Mapping[int, float], device: torch.device,
-                    ignore_index: int = 255, all_ignore: str = "positive", partial_ignore: str = "positive",
+                    ignore_index: int = 255, all_ignore: str = DEFAULT_ALL_IGNORE,
+                    partial_ignore: str = DEFAULT_PARTIAL_IGNORE,
                     progress: bool = True) -> dict[str, float]:
     """Validation loss, per-level precision/recall, and the quality of the induced partition.
 
@@ -115,7 +116,8 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
                  lr: float = 5e-5, batch_size: int = 8, device: str | torch.device = "cpu",
                  out_path: str | Path | None = None, weight_decay: float = 0.01,
                  thresholds: Mapping | Sequence[float] | float | None = None, ignore_index: int = 255,
-                 all_ignore: str = "positive", partial_ignore: str = "positive", num_workers: int = 0,
+                 all_ignore: str = DEFAULT_ALL_IGNORE, partial_ignore: str = DEFAULT_PARTIAL_IGNORE,
+                 num_workers: int = 0,
                  max_steps: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Trains the policy with AdamW on per-window BCE (CTS recipe: AdamW, lr 5e-5), validates, saves.
 

@@ -14,10 +14,40 @@ loop over unmodified timm blocks, see ``tokred.encoder``) calls its hooks in thi
 
 Every hook takes and returns ``(x, state)``; per-forward tensors live in ``state`` (``TokenState``), never
 on ``self``. Auxiliary predictions that need a training loss go into ``state.aux``.
+
+Block indices are 0-based everywhere, as Python and timm index ``blocks``: "block 7" is ``blocks[7]``, the
+8th block; a hook's ``block`` argument, ``exit_blocks``, Cropr's ``blocks``, schedule budgets (``r_i`` for
+block ``i``), stat and loss names (``exit_7``, ``banked_after_block_7``) all use that index.
+
+Capabilities: the encoder, the jobs and the measurement code ask a reducer what it needs instead of keeping
+lists of reducer names elsewhere. Every one has a default here; a plugin overrides the ones that apply.
+
+``replaces_embedding`` (class attribute, default False)
+    True when ``embed`` builds the initial tokens itself (dCTS / CTS supertokens). The encoder asks it once
+    per forward to choose the embedding path; at most one reducer of a model may set it.
+``supports_packed`` (class attribute, default False)
+    True when the reducer's hooks accept a packed (variable-length, concatenated) batch. Asked by the
+    encoder before it packs a batch instead of padding it; no built-in reducer supports packing yet.
+``reads_labels`` (property, default False)
+    True when the forward reads the ground truth (oracle policies, ``ctx.target``). Asked by the run/eval
+    jobs and the cost measurement: they pass the labels to the forward and the GFLOPs count, and skip the
+    im/s timing (meaningless for a model that needs labels). ``reads_target`` is its read-only old name.
+``needs_fitting(config)`` (classmethod, default False) and ``fitting_key()`` (classmethod, default None)
+    Whether a reducer built from the constructor kwargs ``config`` needs a component fitted before the
+    segmenter trains (dCTS / CTS: a ``"cnn"`` policy without ``policy_checkpoint``), and the kwarg that
+    receives the fitted file (``"policy_checkpoint"``). Asked by the run job before building the model:
+    it fits the component (``train-policy``) and passes the file under ``fitting_key()``.
+``accepts_schedule()`` (classmethod)
+    True when the constructor takes a ``schedule`` argument (ToMe, Cropr, random_prune). Asked by
+    ``tokred.structured.reducer_kwargs`` to decide which reducer of a config receives the ``schedule`` group.
+``uses_attention_hook`` (property)
+    True when ``on_attention`` is overridden; the encoder then splits the block at the hook.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,18 +90,49 @@ class Reducer(nn.Module):
     Class attributes:
         kind: ``"merger"`` or ``"pruner"`` (``"none"`` for the identity), the config group it belongs to.
         replaces_embedding: True when ``embed`` builds the initial tokens itself (dCTS supertokens).
+        supports_packed: True when the hooks accept a packed batch (see the module docstring).
     """
 
     kind: ClassVar[str] = "merger"
     replaces_embedding: ClassVar[bool] = False
+    supports_packed: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
         self.info: BackboneInfo | None = None
-        # True when the forward reads the ground truth (oracle baselines): cost measurement then passes the
-        # labels to the GFLOPs count and skips the im/s timing, which would be meaningless.
-        self.reads_target: bool = False
         self.progress: float = 1.0  # fraction of training done, for warm-up schedules; 1.0 at inference
+
+    # -- capabilities (module docstring) ---------------------------------------------------------------
+    @property
+    def reads_labels(self) -> bool:
+        """True when the forward reads the ground truth (``ctx.target``); override in oracle reducers."""
+        return False
+
+    @property
+    def reads_target(self) -> bool:
+        """Read-only old name of ``reads_labels``."""
+        return self.reads_labels
+
+    @reads_target.setter
+    def reads_target(self, value: bool) -> None:
+        raise AttributeError(f"{type(self).__name__}.reads_target is read-only; override the reads_labels "
+                             "property instead (return True when the forward reads the ground truth)")
+
+    @classmethod
+    def needs_fitting(cls, config: Mapping[str, Any]) -> bool:
+        """True when a reducer built from the constructor kwargs ``config`` needs a component fitted before
+        training (the file then goes to the kwarg ``fitting_key()``). Default: False."""
+        return False
+
+    @classmethod
+    def fitting_key(cls) -> str | None:
+        """The constructor kwarg that receives the fitted component's file; None when nothing is fitted."""
+        return None
+
+    @classmethod
+    def accepts_schedule(cls) -> bool:
+        """True when the constructor takes a ``schedule`` argument (a budget ``Schedule`` or its spec)."""
+        return "schedule" in inspect.signature(cls.__init__).parameters
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def setup(self, info: BackboneInfo) -> None:

@@ -9,9 +9,9 @@ One Cropr module sits after each chosen block (by default every block except the
   and the sum, so the sum over queries can be taken first: the score is ONE dot product per token with the
   summed query (``CroprModule.score``, the only path used for selection, in training and in inference).
   Logits are unscaled (``1/sqrt(head_dim)`` scaling would not change the ranking).
-* **Selection** (Sec. 3.2): each image removes its ``r`` lowest-scoring tokens (the same ``r`` for every image,
-  so a batch without padding keeps the same count everywhere). Prefix tokens are never removed, padding
-  slots are never chosen. Removed tokens go to the state's bank with their features (``TokenState.split``).
+* **Selection** (Sec. 3.2): each image removes its ``r`` lowest-scoring tokens (``select_topk`` of
+  ``tokred.reducers.prune``, shared by every scored pruner). Prefix tokens are never removed, padding slots
+  are never chosen. Removed tokens go to the state's bank with their features (``TokenState.split``).
 * **Training** (Sec. 3.3): the module sees a detached copy of the tokens. Each query aggregates the tokens
   by softmax attention; a residual MLP and a linear head predict one class per query. For segmentation
   there is one query per cell of the patch grid, so the prediction is a ``[B, K, H0, W0]`` label map,
@@ -34,9 +34,9 @@ Documented choices where the paper or its code leaves room:
   removes ``budgets[i]`` tokens; budgets of blocks without a module are unused. With the default constant
   schedule every module removes ``r``.
 * Too large a budget: ``setup`` raises ``ValueError`` when, at the training grid (``info.grid_size``) and the
-  full budget (progress 1), fewer than ``num_prefix_tokens + 1`` tokens would remain after some module. At
-  forward time (other image sizes, sliding windows, tokens already merged) the budget is CLIPPED so that at
-  least one patch token per image stays live; it never raises there.
+  full budget (progress 1), no patch token would remain after some module. At forward time (other image
+  sizes, sliding windows, tokens already merged) each image's budget is CLIPPED to its own live count minus
+  one, so at least one patch token per image stays live and a batch equals its images run alone.
 * The aggregation attends to every valid token, prefix included, with the state's attention bias
   (``-inf`` on padding, ``log(size)`` when proportional attention is on), so merged supertokens and padded
   batches from a merger are handled; supertokens are scored and pruned like any token.
@@ -45,11 +45,33 @@ Documented choices where the paper or its code leaves room:
 * No query projection (the queries are free parameters, a linear map of them adds nothing); optional
   LayerNorm before the key path (``pre_norm``), optional key and value projections, ``num_heads`` heads with
   an output projection when ``num_heads > 1``; defaults as the public code: no norm, no projections, one head.
+
+Differences from the reference code (benbergner/cropr, ``segm/cropr.py`` and its ViT):
+
+* Token order: the reference reorders the kept tokens by descending score; tokred keeps their relative
+  (raster) order. The blocks are permutation-equivariant once position embeddings are added, so this
+  changes only float rounding, and restore goes through the token map either way.
+* First module: the reference removes one token more than ``R`` in the first module, also during warm-up
+  ("to account for the class token"; EVA-02-L at 512 px, R = 40: 1025 tokens -> 144 before the last block);
+  tokred removes exactly ``r`` unless ``first_extra=1``.
+* Warm-up: the reference raises ``R`` once per epoch (integer steps over the first half of the epochs);
+  tokred's ``Warmup`` schedule ramps it with every training step (``progress``, rounded).
+* Query init: the reference draws the queries from a normal with std ``embed_dim ** -0.5`` truncated at
+  +-2 std; tokred's default truncates at +-2 absolute (in effect untruncated); ``query_init="reference"``
+  gives the reference's.
+* Score in training: the reference takes the score from the same logits as its softmax aggregation; tokred
+  always uses the summed-query dot product (equal up to float rounding, one code path for selection).
+* Budgets: the reference removes a fixed ``R`` from every image and has no padding; tokred clips the budget
+  per image (see above), supports padded batches and merged supertokens, and takes a schedule per block.
+* Protection: the reference protects the class token (index 0) only; tokred protects every prefix token
+  (class token and registers).
+* Last-layer fusion: the reference puts the pruned tokens back at their stored indices; tokred appends the
+  bank (``TokenState.unbank``) and restores raster order through the token map (same final-block output up
+  to rounding, by permutation equivariance).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -58,13 +80,14 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from tokred.reducers.base import BackboneInfo, Pruner
-from tokred.schedules import Schedule, as_schedule
+from tokred.reducers.base import BackboneInfo
+from tokred.reducers.prune import ScoredPruner
+from tokred.schedules import Schedule
 from tokred.state import AuxOutput, TokenState
 
-__all__ = ["Cropr", "CroprModule"]
+__all__ = ["Cropr", "CroprModule", "QUERY_INITS"]
 
-log = logging.getLogger(__name__)
+QUERY_INITS = ("normal", "reference")
 
 
 class CroprModule(nn.Module):
@@ -81,15 +104,21 @@ class CroprModule(nn.Module):
         pre_norm: LayerNorm on the tokens before keys and values.
         key_proj: linear key projection of the tokens (identity when False).
         value_proj: linear value projection of the tokens (identity when False).
+        query_init: ``"normal"``: queries drawn from N(0, 1 / embed_dim) (timm's ``trunc_normal_`` cuts at
+            +-2 absolute, i.e. at about +-28 std for ``embed_dim`` 192: in effect untruncated);
+            ``"reference"``: the public code's init, the same std truncated at +-2 std.
 
     Raises:
-        ValueError: ``num_heads`` does not divide ``embed_dim``, or ``num_queries`` < 1.
+        ValueError: ``num_heads`` does not divide ``embed_dim``, ``num_queries`` < 1, or an unknown
+            ``query_init``.
     """
 
     def __init__(self, embed_dim: int, num_queries: int, num_classes: int, num_heads: int = 1,
                  mlp_ratio: float = 4.0, pre_norm: bool = False, key_proj: bool = False,
-                 value_proj: bool = False) -> None:
+                 value_proj: bool = False, query_init: str = "normal") -> None:
         super().__init__()
+        if query_init not in QUERY_INITS:
+            raise ValueError(f"Cropr query_init={query_init!r} is not one of {QUERY_INITS}")
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"Cropr num_heads={num_heads} must be >= 1 and divide embed_dim={embed_dim}")
         if num_queries < 1:
@@ -106,7 +135,11 @@ class CroprModule(nn.Module):
         self.mlp = Mlp(embed_dim, int(embed_dim * mlp_ratio))
         self.head_norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
-        trunc_normal_(self.queries, std=embed_dim ** -0.5)  # logits <q, x> of order 1 at init
+        std = embed_dim ** -0.5  # logits <q, x> of order 1 at init
+        if query_init == "reference":
+            trunc_normal_(self.queries, std=std, a=-2 * std, b=2 * std)  # cut at +-2 std
+        else:
+            trunc_normal_(self.queries, std=std)  # cut at +-2 absolute: in effect N(0, std^2)
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
@@ -118,28 +151,12 @@ class CroprModule(nn.Module):
         """``[B, N, C]`` tokens -> ``[B, N, C]`` keys (``key(norm(x))``)."""
         return self.key(self.norm(x))
 
-    def query_logits(self, x: Tensor) -> Tensor:
-        """Full (unscaled) cross-attention logits of every query on every token.
-
-        Reference path for the score; never used for selection (see ``score``).
-
-        Args:
-            x: ``[B, N, C]`` tokens.
-
-        Returns:
-            ``[B, num_heads, M, N]`` logits ``<q_m^h, k_n^h>``.
-        """
-        B, N, C = x.shape
-        h, hd = self.num_heads, self.head_dim
-        q = self.queries.to(x.dtype).reshape(-1, h, hd).transpose(0, 1)  # [h, M, hd]
-        k = self.keys(x).reshape(B, N, h, hd).transpose(1, 2)  # [B, h, N, hd]
-        return q.unsqueeze(0) @ k.transpose(-2, -1)  # [B, h, M, N]
-
     def score(self, x: Tensor) -> Tensor:
         """Token scores: the attention logits summed over queries and heads, as one dot product per token.
 
         ``sum_{h, m} <q_m^h, k_n^h> = <sum_m q_m, k_n>`` because no softmax sits before the sum and the heads
-        split the width; equals ``query_logits(x).sum((1, 2))``. No gradient (selection is not differentiable).
+        split the width; equals the full ``[B, num_heads, M, N]`` logits summed over heads and queries. No
+        gradient (selection is not differentiable).
 
         Args:
             x: ``[B, N, C]`` tokens.
@@ -196,8 +213,11 @@ def _query_grid(grid_size: tuple[int, int], num_queries: int | None) -> tuple[in
                      f"for an integer f (e.g. {(H0 // 2) * (W0 // 2)})")
 
 
-class Cropr(Pruner):
+class Cropr(ScoredPruner):
     """Token Cropr pruner (Bergner, Lippert, Mahendran, CVPR 2025); see the module docstring for the method.
+
+    A ``ScoredPruner``: selection, budgets, protection of prefix tokens and last-layer fusion are shared
+    (``tokred.reducers.prune``); Cropr supplies the score (``CroprModule.score``) and the auxiliary heads.
 
     Args:
         r: tokens removed by each module (the base budget of ``schedule``).
@@ -215,128 +235,80 @@ class Cropr(Pruner):
         pre_norm: LayerNorm on the tokens before keys/values.
         key_proj: linear key projection (identity when False).
         value_proj: linear value projection (identity when False).
+        first_extra: tokens the first module removes in addition to its budget; the reference code removes
+            one (EVA-02-L at 512 px, R = 40: 1025 tokens -> 144 before the last block); default 0.
+        query_init: ``"normal"`` (default) or ``"reference"`` (truncated at +-2 std), see ``CroprModule``.
 
     Raises:
-        ValueError: negative ``r`` or ``aux_weight``; ``blocks`` negative or not strictly increasing; and in
-            ``setup``: ``blocks`` outside ``[0, depth - 1)``, a budget that leaves fewer than
-            ``num_prefix_tokens + 1`` tokens after a module at the training grid, a ``num_queries`` that forms
-            no prediction grid, ``num_heads`` not dividing ``embed_dim``.
+        ValueError: negative ``r``, ``aux_weight`` or ``first_extra``; ``blocks`` negative or not strictly
+            increasing; an unknown ``query_init``; and in ``setup``: ``blocks`` outside ``[0, depth - 1)``, a
+            budget that leaves no patch token after a module at the training grid, a ``num_queries`` that
+            forms no prediction grid, ``num_heads`` not dividing ``embed_dim``.
     """
 
-    kind: ClassVar[str] = "pruner"
+    label: ClassVar[str] = "Cropr"
 
     def __init__(self, r: int = 8, schedule: Schedule | Mapping[str, Any] | None = None,
                  blocks: Sequence[int] | None = None, num_queries: int | None = None,
                  last_layer_fusion: bool = True, aux_weight: float = 1.0, num_heads: int = 1,
                  mlp_ratio: float = 4.0, pre_norm: bool = False, key_proj: bool = False,
-                 value_proj: bool = False) -> None:
-        super().__init__()
-        if r < 0:
-            raise ValueError(f"Cropr r must be >= 0 (tokens removed per module), got {r}")
+                 value_proj: bool = False, first_extra: int = 0, query_init: str = "normal") -> None:
+        super().__init__(r=r, schedule=schedule, blocks=blocks, last_layer_fusion=last_layer_fusion,
+                         first_extra=first_extra)
         if aux_weight < 0:
             raise ValueError(f"Cropr aux_weight must be >= 0, got {aux_weight}")
         if num_queries is not None and num_queries < 1:
             raise ValueError(f"Cropr num_queries must be >= 1 or null (one per patch cell), got {num_queries}")
-        self.schedule: Schedule = as_schedule(schedule, r, "Cropr")
-        self.r = int(r)
-        self.blocks_config = None if blocks is None else [int(b) for b in blocks]
-        if self.blocks_config is not None:
-            self._check_blocks(self.blocks_config, depth=None)
+        if query_init not in QUERY_INITS:
+            raise ValueError(f"Cropr query_init={query_init!r} is not one of {QUERY_INITS}")
         self.num_queries_config = num_queries
-        self.last_layer_fusion = bool(last_layer_fusion)
         self.aux_weight = float(aux_weight)
         self.num_heads = int(num_heads)
         self.mlp_ratio = float(mlp_ratio)
         self.pre_norm = bool(pre_norm)
         self.key_proj = bool(key_proj)
         self.value_proj = bool(value_proj)
-        self.blocks: tuple[int, ...] = ()
+        self.query_init = query_init
         self.query_grid: tuple[int, int] | None = None
         self.cropr_modules = nn.ModuleList()
         self._module_of_block: dict[int, int] = {}
-
-    @classmethod
-    def identity_config(cls) -> dict[str, Any]:
-        """``r = 0``: nothing pruned, the segmenter's output equals the unreduced model's."""
-        return {"r": 0}
 
     @classmethod
     def example_config(cls) -> dict[str, Any]:
         """``r = 6`` per module: 4 modules on a depth-6 ``test_vit`` prune 24 of about 80 patch tokens."""
         return {"r": 6}
 
-    # ------------------------------------------------------------------ configuration
-    @staticmethod
-    def _check_blocks(blocks: Sequence[int], depth: int | None) -> None:
-        if any(b < 0 for b in blocks):
-            raise ValueError(f"Cropr blocks={list(blocks)}: block indices are 0-based and must be >= 0")
-        if any(b2 <= b1 for b1, b2 in zip(blocks, blocks[1:])):
-            raise ValueError(f"Cropr blocks={list(blocks)} must be strictly increasing (0-based block indices)")
-        if depth is not None and any(b >= depth - 1 for b in blocks):
-            raise ValueError(f"Cropr blocks={list(blocks)}: a module may follow blocks 0..{depth - 2} of a depth-"
-                             f"{depth} backbone (not the last block, whose output is final)")
-
     def setup(self, info: BackboneInfo) -> None:
-        """Creates one ``CroprModule`` per position and checks the budgets against the training grid.
+        """Resolves the blocks, checks the budgets (``ScoredPruner.setup``), creates one ``CroprModule`` each.
 
         Raises:
             ValueError: see the class docstring.
         """
         super().setup(info)
-        depth = info.depth
-        blocks = list(range(depth - 2)) if self.blocks_config is None else list(self.blocks_config)
-        self._check_blocks(blocks, depth)
-        n0 = info.grid_size[0] * info.grid_size[1]
-        budgets = self.schedule.budgets(depth, n0, 1.0)
-        remaining, n = [], n0
-        for b in blocks:
-            n -= budgets[b]
-            remaining.append(n)
-            if n < 1:
-                raise ValueError(
-                    f"Cropr r={self.r} (schedule {self.schedule.config()}) removes too many tokens: after block {b} "
-                    f"only {n} of {n0} patch tokens ({info.grid_size[0]}x{info.grid_size[1]}) would remain, fewer "
-                    f"than num_prefix_tokens + 1 = {info.num_prefix_tokens + 1} tokens; lower r or use fewer blocks")
         self.query_grid = _query_grid(info.grid_size, self.num_queries_config)
         num_queries = self.query_grid[0] * self.query_grid[1]
-        self.blocks = tuple(blocks)
-        self._module_of_block = {b: j for j, b in enumerate(blocks)}
+        self._module_of_block = {b: j for j, b in enumerate(self.blocks)}
         self.cropr_modules = nn.ModuleList(
             CroprModule(info.embed_dim, num_queries, info.num_classes, num_heads=self.num_heads,
                         mlp_ratio=self.mlp_ratio, pre_norm=self.pre_norm, key_proj=self.key_proj,
-                        value_proj=self.value_proj)
-            for _ in blocks)
-        log.info("Cropr: modules after blocks %s (0-based), patch tokens left after each: %s, fusion before block %d: %s",
-                 list(blocks), remaining, depth - 1, self.last_layer_fusion)
-
-    def module_at(self, block: int) -> CroprModule:
-        """The module that prunes after ``block`` (0-based).
-
-        Raises:
-            KeyError: no module at that block (valid blocks listed).
-        """
-        if block not in self._module_of_block:
-            raise KeyError(f"Cropr has no module after block {block}; modules after blocks {list(self.blocks)}")
-        return self.cropr_modules[self._module_of_block[block]]
+                        value_proj=self.value_proj, query_init=self.query_init)
+            for _ in self.blocks)
 
     def extra_config(self) -> dict[str, Any]:
-        return {"r": self.r, "schedule": self.schedule.config(),
-                "blocks": list(self.blocks) if self.blocks else self.blocks_config,
+        return {**super().extra_config(),
                 "num_queries": None if self.query_grid is None else self.query_grid[0] * self.query_grid[1],
                 "query_grid": None if self.query_grid is None else list(self.query_grid),
-                "last_layer_fusion": self.last_layer_fusion, "aux_weight": self.aux_weight,
-                "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio, "pre_norm": self.pre_norm,
-                "key_proj": self.key_proj, "value_proj": self.value_proj}
+                "aux_weight": self.aux_weight, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "pre_norm": self.pre_norm, "key_proj": self.key_proj, "value_proj": self.value_proj,
+                "query_init": self.query_init}
 
     # ------------------------------------------------------------------ hooks
-    def on_block_start(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
-        """Last-layer fusion: before the final block every banked token rejoins the live set (Sec. 3.4)."""
-        if self.last_layer_fusion and self.info is not None and block == self.info.depth - 1:
-            return state.unbank(x)
-        return x, state
+    def score(self, block: int, x: Tensor, state: TokenState) -> Tensor:
+        """``[B, N]`` scores of the module after ``block`` (``CroprModule.score``, the summed-query dot product)."""
+        return self.cropr_modules[self._module_of_block[block]].score(x)
 
     def on_block(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
-        """After ``block``: score, add the auxiliary prediction (training), bank the ``r`` lowest tokens.
+        """After ``block``: the auxiliary prediction (training only), then the shared top-k pruning.
 
         Args:
             block: 0-based block index.
@@ -344,31 +316,16 @@ class Cropr(Pruner):
             state: the token state.
 
         Returns:
-            ``(x' [B, N - r, C] (plus padding when images had different counts), state)``.
+            ``(x' [B, N - r, C] (plus padding when images removed different counts), state)``.
         """
         if block not in self._module_of_block:
             return x, state
-        mod = self.cropr_modules[self._module_of_block[block]]
-        r = self.schedule.budgets(self.info.depth, state.num_patches, self.progress)[block]
         if self.training:
-            x_in = x.detach()  # the auxiliary loss never reaches the backbone
-            feats = mod.aggregate(x_in, state.attn_bias(x.dtype))  # [B, M, C]
+            mod = self.cropr_modules[self._module_of_block[block]]
+            feats = mod.aggregate(x.detach(), state.attn_bias(x.dtype))  # [B, M, C]; no loss reaches the backbone
             logits = mod.predict(feats)  # [B, M, K]
             B, M, K = logits.shape
             logits = logits.transpose(1, 2).reshape(B, K, *self.query_grid)  # [B, K, h, w]
             state = state.add_aux(AuxOutput(name=f"cropr_{block}", logits=logits, weight=self.aux_weight,
                                             target="downsample"))
-        else:
-            x_in = x
-        # clip at forward time: at least one patch token per image stays live
-        r = min(r, int(state.live_patch_tokens().min()) - 1)
-        if r <= 0:
-            return x, state
-        scores = mod.score(x_in)  # [B, N]
-        P = state.num_prefix_tokens
-        protect = ~state.valid_mask()  # padding is never chosen
-        protect[:, :P] = True  # nor are prefix tokens
-        scores = scores.masked_fill(protect, float("inf"))
-        drop = scores.topk(r, dim=1, largest=False).indices  # [B, r]
-        keep = torch.ones_like(protect).scatter(1, drop, False)  # [B, N]
-        return state.split(x, keep, block)
+        return super().on_block(block, x, state)

@@ -26,6 +26,22 @@ Documented choices where STEP is not known:
       segmenter (eval mode, no gradients). Joint training would need an auxiliary-loss channel for window
       labels that ``TokenState.aux`` (class-label cross-entropies only) does not offer, so
       ``train_policy_jointly=True`` is refused.
+
+Differences from the reference code:
+    dCTS (STEP): no code is public; everything above is a reconstruction (methods.md Sec. 1).
+    CTS (tue-mps/cts-segmenter), for ``CTS`` below:
+        * Policy labels: CTS's rule is the default (``tokred.policy.labels``: a window mixing one class with
+          ignore pixels is negative, an all-ignore window positive); ``partial_ignore="positive"`` keeps
+          tokred's earlier rule. The oracle policy uses the same default. CTS's ADE20K loader also drops
+          such windows on the image border from the loss; tokred does not.
+        * Policy head: CTS puts a 1x1 conv with 2 logits per window on EfficientNet-Lite0's stride-32 map;
+          ``PolicyNet`` gives one binary logit per window and level (sigmoid = softmax of 2 logits).
+        * Token order: tokred orders all tokens by the raster index of their top-left patch and does not
+          reproduce the reference's order (attention is permutation-equivariant, restore goes through the
+          token map).
+        * Decoders: CTS runs the decoder on the shared tokens and copies outputs back; tokred restores the
+          grid first (``TokenState.restore``), so every decoder works unchanged.
+        * Default ``num_windows``: 40% of the crop's 2x2 windows (CTS fixes ``K`` per dataset).
 """
 
 from __future__ import annotations
@@ -178,7 +194,6 @@ class DCTS(Merger):
                              "(tokred.policy.train.train_policy / `python -m tokred train-policy`); set "
                              "train_policy_jointly=false and pass policy_checkpoint")
         self.policy_kind = policy
-        self.reads_target = policy == "oracle"
         self.policy_backbone = policy_backbone
         self.policy_checkpoint = policy_checkpoint
         self.min_tokens = None if min_tokens is None else int(min_tokens)
@@ -199,6 +214,29 @@ class DCTS(Merger):
             self.policy.eval()
         else:
             self.policy = nn.Identity()
+
+    # ------------------------------------------------------------------ capabilities
+    @property
+    def reads_labels(self) -> bool:
+        """True for the oracle policy, which reads the ground truth in the forward."""
+        return self.policy_kind == "oracle"
+
+    @classmethod
+    def needs_fitting(cls, config: Mapping[str, Any]) -> bool:
+        """True when ``config`` (constructor kwargs) asks for a ``"cnn"`` policy without ``policy_checkpoint``:
+        the policy must be trained first (``train-policy``) and its file passed as ``policy_checkpoint``."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        if "policy" not in params:  # a subclass that fixes its policy (e.g. an oracle) says so itself
+            return False
+        policy = config.get("policy", params["policy"].default)
+        return policy == "cnn" and not config.get("policy_checkpoint")
+
+    @classmethod
+    def fitting_key(cls) -> str:
+        """``"policy_checkpoint"``: the kwarg that receives the trained policy file."""
+        return "policy_checkpoint"
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, info: BackboneInfo) -> None:
@@ -298,6 +336,7 @@ class CTS(DCTS):
 
     dCTS restricted to level 2 with a fixed count per image (methods.md Sec. 2), so every image keeps
     ``N0 - 3 * num_windows`` patch tokens and batches need no padding.
+    Its differences from the reference code (tue-mps/cts-segmenter) are listed in the module docstring.
 
     Args:
         num_windows: ``K`` windows shared per image; None = 40% of the level-2 windows of the input's grid

@@ -13,9 +13,21 @@ for Semantic Segmentation", ICCV 2023, Sec. 3), since the full STEP text is not 
    state's bank with their exit logits; the Segmenter writes those logits into the final map at every cell
    the token covers, so a halted supertoken (dCTS, size > 1) fixes the label of all its cells.
 
-Block numbers: ``exit_blocks`` are **1-based**, as in the papers: ``exit_blocks=[6, 8]`` places heads after
-the 6th and the 8th block, i.e. after the encoder's 0-based blocks 5 and 7 (``on_block(5, ...)``). Loss
-names and stats use the same 1-based numbers (``exit_6``, ``halted_exit_6``).
+Block indices: ``exit_blocks`` are **0-based** block indices, as everywhere in tokred (timm's ``blocks``):
+the head of exit ``i`` reads the output of ``blocks[i]`` (hook ``on_block(i, ...)``). The papers count from
+1: DToP's "after blocks 6 and 8" of ViT-B is ``exit_blocks=[5, 7]``. Loss names and stats use the same
+0-based index (``exit_5``, ``halted_exit_5``).
+
+Differences from the reference code (DToP, zbwxp/Dynamic-Token-Pruning; STEP's code is not public):
+    * Heads: DToP's exit heads are SegViT attention-to-mask decoders (three layers, a sigmoid mask gated by a
+      per-query class score); tokred's default is a per-token linear head, and ``head="atm"`` is one
+      attention-to-mask layer whose similarities are used directly as class logits.
+    * Halted tokens: DToP writes the halted tokens' mask logits into a per-image canvas; tokred banks the
+      tokens with their exit logits (``TokenState.split``) and the Segmenter writes them into the final map
+      at every cell the token covers, so halted supertokens (dCTS) fix all their cells.
+    * Batches: every image halts its own tokens; images that keep different counts are padded (``valid``),
+      padded slots never halt, and a batch equals its images run one by one.
+    * Ties in the top-k per class are broken by token order (earlier first), deterministically.
 """
 
 from __future__ import annotations
@@ -37,12 +49,12 @@ __all__ = ["EarlyExit", "EXIT_HEADS", "LinearExitHead", "AttentionToMaskExitHead
 
 # ---------------------------------------------------------------------------------------------- defaults
 def default_exit_blocks(depth: int) -> list[int]:
-    """Default 1-based exit blocks for a backbone of ``depth`` blocks.
+    """Default 0-based exit blocks for a backbone of ``depth`` blocks.
 
-    DToP's choices: ViT-L (``depth >= 24``) after blocks 8 and 16; ViT-T/S/B (``9 <= depth < 24``) after
-    blocks 6 and 8. Shallower test backbones (``depth < 9``, e.g. timm ``test_vit`` with depth 6) get exits at
-    one and two thirds of the depth, ``[depth // 3, 2 * depth // 3]`` (``[2, 4]`` for depth 6), clipped to
-    ``[1, depth - 1]`` with duplicates removed.
+    DToP's choices (1-based in the paper: after blocks 8 and 16 of ViT-L, 6 and 8 of ViT-T/S/B): ``[7, 15]``
+    for ``depth >= 24``, ``[5, 7]`` for ``9 <= depth < 24``. Shallower test backbones (e.g. timm ``test_vit``,
+    depth 6) get exits after one and two thirds of the depth, ``[depth // 3 - 1, 2 * depth // 3 - 1]``
+    (``[1, 3]`` for depth 6), clipped to ``[0, depth - 2]`` with duplicates removed.
 
     Raises:
         ValueError: ``depth < 2`` (no block is followed by another, so no exit is possible).
@@ -50,10 +62,10 @@ def default_exit_blocks(depth: int) -> list[int]:
     if depth < 2:
         raise ValueError(f"early exit needs a backbone depth of at least 2 blocks, got depth={depth}")
     if depth >= 24:
-        return [8, 16]
+        return [7, 15]
     if depth >= 9:
-        return [6, 8]
-    return sorted({min(max(b, 1), depth - 1) for b in (depth // 3, 2 * depth // 3)})
+        return [5, 7]
+    return sorted({min(max(b, 0), depth - 2) for b in (depth // 3 - 1, 2 * depth // 3 - 1)})
 
 
 def default_threshold(depth: int) -> float:
@@ -191,7 +203,7 @@ EXIT_HEADS: dict[str, type[nn.Module]] = {"linear": LinearExitHead, "atm": Atten
 class EarlyExit(Pruner):
     """STEP / DToP early exit: confident tokens halt after the exit blocks and keep their exit logits.
 
-    See the module docstring for the rule. At every exit block (1-based ``b``, hook ``on_block(b - 1)``):
+    See the module docstring for the rule. At every exit block ``b`` (0-based, hook ``on_block(b)``):
 
     - the exit head predicts ``[B, N, K]`` logits for the live tokens;
     - in training, an ``AuxOutput`` named ``exit_{b}`` holds the head's logits on the patch grid with a mask of
@@ -211,9 +223,9 @@ class EarlyExit(Pruner):
     skipped and the output equals the model without the pruner.
 
     Args:
-        exit_blocks: 1-based blocks after which a head sits, strictly increasing, each in ``[1, depth - 1]``;
-            None: by depth (``default_exit_blocks``: ``[8, 16]`` for depth 24, ``[6, 8]`` for depth 9-23,
-            ``[depth // 3, 2 * depth // 3]`` below, i.e. ``[2, 4]`` for ``test_vit``).
+        exit_blocks: 0-based indices of the blocks whose output a head reads, strictly increasing, each in
+            ``[0, depth - 2]``; None: by depth (``default_exit_blocks``: ``[7, 15]`` for depth 24, ``[5, 7]``
+            for depth 9-23, ``[depth // 3 - 1, 2 * depth // 3 - 1]`` below, i.e. ``[1, 3]`` for ``test_vit``).
         threshold: confidence threshold ``p0`` in ``(0, 1]`` (max softmax probability); None: 0.95 for
             depth >= 24 (ViT-L), else 0.9 (DToP). ``1.0`` disables halting (heads still trained).
         top_k: most confident candidates per class and image that stay live (DToP: 5), ``>= 0``.
@@ -222,9 +234,9 @@ class EarlyExit(Pruner):
         halting: False disables halting whatever the threshold (base-model training).
 
     Raises:
-        ValueError: an exit block below 1 or not strictly increasing (``exit_blocks``), a threshold outside
+        ValueError: a negative exit block or not strictly increasing (``exit_blocks``), a threshold outside
             ``(0, 1]``, ``top_k < 0``, an unknown ``head``, ``aux_weight < 0``; in ``setup``, an exit block
-            above ``depth - 1``.
+            above ``depth - 2``.
     """
 
     kind: ClassVar[str] = "pruner"
@@ -235,13 +247,14 @@ class EarlyExit(Pruner):
         if exit_blocks is not None:
             exit_blocks = list(exit_blocks)
             if not exit_blocks:
-                raise ValueError("exit_blocks is empty; name at least one 1-based block, or null for the "
+                raise ValueError("exit_blocks is empty; name at least one 0-based block index, or null for the "
                                  "default by depth (use pruner=none for no early exit)")
             if any(isinstance(b, bool) or int(b) != b for b in exit_blocks):
-                raise ValueError(f"exit_blocks must be integers (1-based block numbers), got {exit_blocks}")
+                raise ValueError(f"exit_blocks must be integers (0-based block indices), got {exit_blocks}")
             exit_blocks = [int(b) for b in exit_blocks]
-            if min(exit_blocks) < 1:
-                raise ValueError(f"exit_blocks are 1-based block numbers (>= 1), got {exit_blocks}")
+            if min(exit_blocks) < 0:
+                raise ValueError(f"exit_blocks are 0-based block indices (>= 0, as timm's blocks), got "
+                                 f"{exit_blocks}")
             if any(a >= b for a, b in zip(exit_blocks, exit_blocks[1:])):
                 raise ValueError(f"exit_blocks must be strictly increasing, got {exit_blocks}")
         if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -268,20 +281,20 @@ class EarlyExit(Pruner):
         """Resolves exit blocks and threshold by depth and creates one exit head per exit.
 
         Raises:
-            ValueError: an exit block above ``depth - 1`` (``exit_blocks``), or ``depth < 2``.
+            ValueError: an exit block above ``depth - 2`` (``exit_blocks``), or ``depth < 2``.
         """
         super().setup(info)
         depth = info.depth
         blocks = self._requested_blocks if self._requested_blocks is not None else default_exit_blocks(depth)
-        if max(blocks) > depth - 1:
-            raise ValueError(f"exit_blocks {blocks} (1-based) must lie in [1, depth - 1] = [1, {depth - 1}] "
+        if max(blocks) > depth - 2:
+            raise ValueError(f"exit_blocks {blocks} (0-based) must lie in [0, depth - 2] = [0, {depth - 2}] "
                              f"for this backbone (depth {depth}); an exit after the last block saves nothing")
         self.exit_blocks = list(blocks)
         self.threshold = self._requested_threshold if self._requested_threshold is not None \
             else default_threshold(depth)
         cls = EXIT_HEADS[self.head]
         self.heads = nn.ModuleList(cls(info.embed_dim, info.num_classes, info.num_heads) for _ in blocks)
-        self._head_of_block = {b - 1: j for j, b in enumerate(blocks)}
+        self._head_of_block = {b: j for j, b in enumerate(blocks)}
 
     @property
     def halts(self) -> bool:
@@ -308,7 +321,7 @@ class EarlyExit(Pruner):
         """At an exit block: exit head, auxiliary output (training), halting of confident tokens.
 
         Args:
-            block: 0-based block index (the exit named ``b`` in ``exit_blocks`` runs at ``block == b - 1``).
+            block: 0-based block index (an exit runs where ``block`` is in ``exit_blocks``).
             x: ``[B, N, C]`` tokens after the block.
             state: token state aligned with ``x``.
 
@@ -318,7 +331,7 @@ class EarlyExit(Pruner):
         j = self._head_of_block.get(block)
         if j is None:
             return x, state
-        name = block + 1  # 1-based, as in configs and papers
+        name = block  # 0-based, as exit_blocks
         B, N, _ = x.shape
         K = self.info.num_classes
         if not self.training and not self.halts:  # heads only serve losses and halting

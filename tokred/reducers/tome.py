@@ -4,19 +4,7 @@ Between the attention and the MLP of every block (paper Sec. 3, Fig. 1), ``r_i``
 bipartite soft matching on the attention keys, and merged tokens carry their size (patches per token) for
 the size-weighted mean and for proportional attention (``log(size)`` added to every key's attention logit).
 
-What tokred does differently from the reference code, and why:
-    * The reference code swaps each timm block's ``__class__`` and copies its forward; on current timm that
-      drops LayerScale (outputs change even at r = 0) and keeps per-forward state in a shared list (breaks
-      gradient checkpointing). Here the encoder owns the loop over the unmodified blocks and calls
-      ``ToMe.on_attention``; all per-forward data lives in the ``TokenState``.
-    * Dense prediction needs every patch back: instead of a dense ``[B, N, N0]`` source matrix, the state's
-      token map ``[B, N0]`` is composed with every merge (one gather), and ``TokenState.restore`` gives each
-      patch the features of the token it was merged into.
-    * Tokens keep their relative (raster) order after a merge instead of the reference's "unmerged A by
-      similarity, then B" order (see ``bipartite_soft_matching``), so the next block's alternating A/B split
-      still alternates over spatial neighbours and the output is deterministic.
-    * Padding (images in a batch holding different token counts after a pruner) is supported: padded slots
-      neither merge nor receive merges, and each image clips its own ``r`` (so a batch equals its singles).
+Every known difference from the reference code (facebookresearch/ToMe) is listed in ``ToMe``'s docstring.
 """
 
 from __future__ import annotations
@@ -36,7 +24,9 @@ from tokred.state import TokenState
 if TYPE_CHECKING:
     from tokred.encoder import EmbedContext
 
-__all__ = ["MergeAssignment", "bipartite_soft_matching", "ToMe"]
+__all__ = ["MergeAssignment", "PARTITIONS", "bipartite_soft_matching", "ToMe"]
+
+PARTITIONS = ("patches", "reference")
 
 
 @dataclass(frozen=True)
@@ -62,42 +52,48 @@ def _identity(batch: int, n: int, device: torch.device) -> MergeAssignment:
 
 
 @torch.no_grad()
-def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0,
-                            valid: Tensor | None = None) -> MergeAssignment:
+def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None,
+                            partition: str = "patches") -> MergeAssignment:
     """Bipartite soft matching of ToMe (Bolya et al., ICLR 2023, Sec. 3 "Token Merging", Fig. 1).
 
     Pure function, computed under ``no_grad``: apply the result with ``TokenState.merge`` (or
     ``tokred.state.merge_tokens``) to any tensor aligned with the tokens.
 
     Steps, per image:
-        1. The first ``num_protected`` tokens (class token, registers) take no part and keep slots ``[0, P)``.
-        2. The other ``M = N - P`` tokens split alternately: set A = even positions ``0, 2, ...`` among
-           them (``ceil(M / 2)`` tokens), set B = odd positions (``floor(M / 2)`` tokens).
+        1. The first ``num_protected`` tokens (class token, registers) are never merged nor merged into and
+           keep slots ``[0, P)``.
+        2. The tokens split alternately into sets A and B. ``partition="patches"`` (default): over the
+           ``M = N - P`` tokens after the prefix, A = their even positions (``ceil(M / 2)`` tokens), B = the
+           odd ones. ``partition="reference"``: over the whole sequence as the reference code does, A = even
+           indices ``0, 2, ...`` (the class token is A's first, protected), B = odd indices.
         3. Cosine similarity of the metric between every A and every B token (one batched matmul); each A
            token's best B match (on ties the first B token).
         4. The ``r_b`` A tokens with the highest best-match similarity (ties: the earlier A token) are
            merged into their B partners; several A tokens may share a partner.
 
-    ``r_b = min(r, valid A tokens, valid B tokens)``: without padding that is ToMe's "at most half the
-    mergeable tokens", ``min(r, floor(M / 2))``. Padded slots (``valid`` False) get similarity ``-inf``
-    as A rows and B columns, so they are never merged into a valid token nor receive one.
+    ``r_b = min(r, mergeable valid A tokens, mergeable valid B tokens)``: without padding that is ToMe's "at
+    most half the mergeable tokens", ``min(r, floor(M / 2))``. Padded slots (``valid`` False) and prefix
+    tokens get similarity ``-inf`` as A rows and B columns, so they are never merged nor receive a merge.
 
-    Output order (deterministic): prefix tokens at ``[0, P)``, then the surviving valid tokens (every B
-    token and every unmerged A token) in their original relative order, then the surviving padded slots in
-    their order, then, for images that merged more than ``min_b r_b`` tokens, empty trailing slots that
-    receive no token (``TokenState.merge`` marks them invalid). A merged A token goes to its partner's slot.
+    Output order (deterministic): prefix tokens at ``[0, P)``, then the surviving valid tokens, then the
+    surviving padded slots in their order, then, for images that merged more than ``min_b r_b`` tokens, empty
+    trailing slots that receive no token (``TokenState.merge`` marks them invalid). A merged A token goes to
+    its partner's slot. The valid survivors are in their original relative order with ``"patches"``; with
+    ``"reference"`` they follow the reference code: unmerged A tokens (in original order when a prefix is
+    protected, else by descending best-match similarity), then every B token in original order.
 
     Args:
         metric: ``[B, N, D]`` per-token matching features (ToMe: attention keys averaged over heads).
         r: tokens to merge away per image (ToMe's ``r``), clipped as above.
         num_protected: ``P``, leading tokens never merged.
         valid: ``[B, N]`` (bool) False for padding slots, or None when every slot is valid.
+        partition: ``"patches"`` or ``"reference"`` (see steps 2 and the output order).
 
     Returns:
         ``MergeAssignment`` with ``assign [B, N]``, ``n_out``, ``num_merged [B]``.
 
     Raises:
-        ValueError: ``r < 0`` or ``num_protected`` outside ``[0, N]``.
+        ValueError: ``r < 0``, ``num_protected`` outside ``[0, N]``, or an unknown ``partition``.
     """
     B, N, _ = metric.shape
     P = int(num_protected)
@@ -105,40 +101,55 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0,
         raise ValueError(f"r must be >= 0 (tokens merged away), got {r}")
     if not 0 <= P <= N:
         raise ValueError(f"num_protected must be in [0, N={N}], got {num_protected}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition={partition!r} is not one of {PARTITIONS}")
     device = metric.device
-    n_a, n_b = (N - P + 1) // 2, (N - P) // 2
-    if r == 0 or n_b == 0:
+    start = P if partition == "patches" else 0
+    idx_a = torch.arange(start, N, 2, device=device)  # [nA] token index of each A token
+    idx_b = torch.arange(start + 1, N, 2, device=device)  # [nB]
+    n_a = idx_a.numel()
+    open_a, open_b = idx_a >= P, idx_b >= P  # prefix tokens take no part
+    if r == 0 or not bool(open_b.any()):
         return _identity(B, N, device)
-    m = F.normalize(metric[:, P:].float(), dim=-1)  # [B, M, D]
-    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, nA, nB] cosine similarity A x B
+    m = F.normalize(metric.float(), dim=-1)  # [B, N, D]
+    scores = m[:, idx_a] @ m[:, idx_b].transpose(1, 2)  # [B, nA, nB] cosine similarity A x B
     if valid is None:
-        r_const = min(int(r), n_b)
+        ok_a, ok_b = open_a.expand(B, -1), open_b.expand(B, -1)
+        r_const = min(int(r), int(open_a.sum()), int(open_b.sum()))
         num_merged = torch.full((B,), r_const, dtype=torch.long, device=device)
         r_min = r_max = r_const
         valid_full = torch.ones(B, N, dtype=torch.bool, device=device)
     else:
-        valid_a, valid_b = valid[:, P::2], valid[:, P + 1::2]  # [B, nA], [B, nB]
-        scores = scores.masked_fill(~valid_b[:, None, :], float("-inf"))
-        scores = scores.masked_fill(~valid_a[:, :, None], float("-inf"))
-        num_merged = torch.minimum(valid_a.sum(1), valid_b.sum(1)).clamp(max=int(r))  # [B]
+        ok_a, ok_b = valid[:, idx_a] & open_a, valid[:, idx_b] & open_b  # [B, nA], [B, nB]
+        num_merged = torch.minimum(ok_a.sum(1), ok_b.sum(1)).clamp(max=int(r))  # [B]
         r_min, r_max = torch.stack([num_merged.min(), num_merged.max()]).tolist()
         valid_full = valid
         if r_max == 0:
             return _identity(B, N, device)
+    scores = scores.masked_fill(~ok_b[:, None, :], float("-inf"))
+    scores = scores.masked_fill(~ok_a[:, :, None], float("-inf"))
     best, partner = scores.max(dim=-1)  # [B, nA] best similarity, index of the best B token
     order = best.argsort(dim=1, descending=True, stable=True)  # [B, nA]
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_a, device=device).expand(B, n_a))
     merged_a = rank < num_merged[:, None]  # [B, nA] the r_b best-matched A tokens
     merged = torch.zeros(B, N, dtype=torch.bool, device=device)
-    merged[:, P::2] = merged_a
-    # output slots of the survivors: valid ones first (cumulative count), then padded ones
-    keep_valid = ~merged & valid_full  # [B, N]
-    keep_pad = ~merged & ~valid_full
-    slot = torch.where(keep_valid, keep_valid.cumsum(1) - 1,
-                       keep_valid.sum(1, keepdim=True) + keep_pad.cumsum(1) - 1)  # [B, N]
-    partner_slot = slot.gather(1, P + 1 + 2 * partner)  # [B, nA] slot of each A token's B partner
+    merged[:, idx_a] = merged_a
+    # output slot = rank of a sort key among the survivors (distinct keys): valid ones, padded ones, merged
+    index = torch.arange(N, device=device).expand(B, N)
+    key = index.clone()
+    if partition == "reference":
+        in_a = torch.zeros(N, dtype=torch.bool, device=device)
+        in_a[idx_a] = True
+        a_key = index[:, idx_a] if P > 0 else rank  # unmerged A: original order, or by similarity without prefix
+        key[:, idx_a] = N + a_key
+        key = torch.where(in_a | (index < P), key, 2 * N + index)  # B tokens after the A tokens
+        key = torch.where(index < P, index, key)  # prefix first
+    key = torch.where(valid_full, key, 3 * N + index)
+    key = torch.where(merged, 4 * N + index, key)
+    slot = torch.empty_like(key).scatter_(1, key.argsort(dim=1), index.contiguous())  # [B, N]
+    partner_slot = slot.gather(1, idx_b[partner])  # [B, nA] slot of each A token's B partner
     assign = slot.clone()
-    assign[:, P::2] = torch.where(merged_a, partner_slot, slot[:, P::2])
+    assign[:, idx_a] = torch.where(merged_a, partner_slot, slot[:, idx_a])
     return MergeAssignment(assign, N - r_min, num_merged, r_max)
 
 
@@ -161,6 +172,26 @@ class ToMe(Merger):
     to half the mergeable tokens. Prefix tokens are never merged. Every patch stays live: ``restore`` gives
     each patch its merged token's features.
 
+    Differences from the reference code (facebookresearch/ToMe, ``tome/merge.py`` and ``tome/patch/timm.py``):
+        * Integration: the reference swaps each timm block's ``__class__`` and copies its forward; on current
+          timm that drops LayerScale (outputs change even at r = 0) and keeps per-forward state in a shared
+          list (breaks gradient checkpointing). Here the encoder owns the loop over the unmodified blocks and
+          calls ``on_attention``; all per-forward data lives in the ``TokenState``.
+        * Partition and order (the default ``partition="patches"``): A/B alternate over the patch tokens
+          after the prefix, and the survivors keep their relative (raster) order, so the next block's split
+          still alternates over spatial neighbours. The reference alternates over the whole sequence (the
+          class token is A's first token, protected by a ``-inf`` row) and outputs the unmerged A tokens
+          (sorted back to their original order when the class token is protected, else in descending
+          best-match similarity), then all B tokens. ``partition="reference"`` reproduces that partition and
+          order exactly for one class token; further prefix tokens (registers) are protected too and stay
+          in front, where the reference would let them merge.
+        * Source tracking: instead of the reference's dense ``[B, N, N0]`` source matrix, the state's token
+          map ``[B, N0]`` is composed with every merge (one gather) and ``TokenState.restore`` gives each patch
+          the features of its token, which dense prediction needs.
+        * Ties: tokred sorts stably (ties go to the earlier A token); the reference's sort is not stable.
+        * Padding (images holding different token counts after a pruner) is supported: padded slots neither
+          merge nor receive merges, and each image clips its own ``r`` (so a batch equals its singles).
+
     Documented choices:
         * Schedules that depend on the token count (``keep_ratio``) see the valid patch tokens entering
           block 0, the maximum over the batch when images differ (this reads the count back from the
@@ -177,18 +208,23 @@ class ToMe(Merger):
         schedule: budget schedule; None -> ``Constant(r)``; a Mapping -> ``build_schedule(r=r, **mapping)``
             (a mapping's own ``r`` wins); or a ``Schedule``.
         proportional_attention: add ``log(size)`` to every key's attention logit (ToMe Eq. 1).
+        partition: ``"patches"`` (default) or ``"reference"``: how tokens split into A and B and how the
+            survivors are ordered (see above and ``bipartite_soft_matching``).
 
     Raises:
-        ValueError: ``r < 0``, ``schedule`` of another type, or a schedule spec ``build_schedule`` rejects
-            (e.g. a keep_ratio outside (0, 1]); in ``setup``, a schedule that does not fit the backbone's
-            depth (e.g. an explicit list longer than depth).
+        ValueError: ``r < 0``, an unknown ``partition``, ``schedule`` of another type, or a schedule spec
+            ``build_schedule`` rejects (e.g. a keep_ratio outside (0, 1]); in ``setup``, a schedule that does
+            not fit the backbone's depth (e.g. an explicit list longer than depth).
     """
 
     def __init__(self, r: int = 8, schedule: Schedule | Mapping[str, Any] | None = None,
-                 proportional_attention: bool = True) -> None:
+                 proportional_attention: bool = True, partition: str = "patches") -> None:
         super().__init__()
         if r < 0:
             raise ValueError(f"ToMe r must be >= 0 (tokens merged away per block), got {r}")
+        if partition not in PARTITIONS:
+            raise ValueError(f"ToMe partition={partition!r} is not one of {PARTITIONS}")
+        self.partition = partition
         self.r = int(r)
         self.schedule: Schedule = as_schedule(schedule, r, "ToMe")
         self.proportional_attention = bool(proportional_attention)
@@ -204,7 +240,8 @@ class ToMe(Merger):
         self.schedule.budgets(info.depth, info.grid_size[0] * info.grid_size[1], 1.0)
 
     def extra_config(self) -> dict[str, Any]:
-        return {"r": self.r, "schedule": self.schedule.config(), "proportional_attention": self.proportional_attention}
+        return {"r": self.r, "schedule": self.schedule.config(), "proportional_attention": self.proportional_attention,
+                "partition": self.partition}
 
     @classmethod
     def identity_config(cls) -> dict[str, Any]:
@@ -246,7 +283,8 @@ class ToMe(Merger):
         r = self.budgets(num_tokens)[block]
         if r == 0:
             return x, state
-        match = bipartite_soft_matching(keys.mean(1), r, state.num_prefix_tokens, state.valid)  # keys: [B, N, hd]
+        match = bipartite_soft_matching(keys.mean(1), r, state.num_prefix_tokens, state.valid,
+                                        self.partition)  # keys.mean(1): [B, N, head_dim]
         if match.max_merged == 0:
             return x, state
         x, state = state.merge(x, match.assign, match.n_out)

@@ -1,0 +1,1 @@
+"""Hydra SearchPathPlugin of tokred (see ``tokred_searchpath.py``)."""

@@ -1,0 +1,175 @@
+"""``python -m tokred bench [overrides]``: GFLOPs and im/s of a configuration next to a reference model,
+measured side by side (interleaved repeats) in one process, written to ``bench.output_dir/<name>/``.
+
+``bench.reference=none`` compares with the unreduced pipeline (speedup, GFLOPs ratio, efficiency);
+``bench.reference=timm`` compares tokred's encoder loop with timm's own ``forward_features`` (the overhead of
+the loop; run it with ``merger=none pruner=none``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tokred.config import (baseline_like, build_datasets, build_model_from_config, eval_images, method_name,
+                           resolve_device, seed_everything)
+from tokred.models.checkpoints import load_segmentation_checkpoint
+from tokred.io import new_run_dir
+
+__all__ = ["bench_job"]
+
+
+class _TimmEncoder(torch.nn.Module):
+    """The plain timm encoder (``forward_features``), the reference of ``bench.reference=timm``."""
+
+    def __init__(self, vit: torch.nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(image)
+
+
+class _TokredEncoder(torch.nn.Module):
+    """tokred's encoder loop alone (no decoder), to compare with ``_TimmEncoder``."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder(image)[0]
+
+
+def _inputs(cfg: DictConfig, n: int, crop: tuple[int, int]) -> torch.Tensor:
+    """``[n, 3, H, W]`` real eval images (``bench.inputs=real``) or seeded noise (``random``)."""
+    if cfg.bench.inputs == "real":
+        return eval_images(build_datasets(cfg, train=False), n, crop)
+    if cfg.bench.inputs == "random":
+        return torch.randn(n, 3, *crop, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    raise ValueError(f"bench.inputs must be 'real' or 'random', got {cfg.bench.inputs!r}")
+
+
+def _subjects(cfg: DictConfig, model, images: torch.Tensor, crop: tuple[int, int]):
+    """``(subject, reference, gflops, reference gflops)`` for ``bench.reference``.
+
+    Raises:
+        ValueError: an unknown reference, or ``timm`` with a reducer configured.
+    """
+    from tokred.measure import analytic_vit_gflops, count_gflops
+
+    b = cfg.bench
+    if b.reference not in ("none", "timm"):
+        raise ValueError(f"bench.reference must be 'none' or 'timm', got {b.reference!r}")
+    if b.reference == "timm" and method_name(cfg) != "none":
+        raise ValueError("bench.reference=timm measures tokred's loop overhead; use merger=none pruner=none")
+    n_flops = int(b.flops_images)
+    gflops = count_gflops(model, images[:n_flops]) if n_flops > 0 else None
+    if b.reference == "timm":
+        if gflops is not None:
+            enc = model.encoder
+            mlp_ratio = enc.vit.blocks[0].mlp.fc1.out_features / enc.embed_dim
+            h0, w0 = enc.grid_size_for(crop)
+            gflops["analytic_encoder_gflops"] = analytic_vit_gflops(
+                enc.embed_dim, enc.depth, h0 * w0 + enc.num_prefix_tokens, mlp_ratio=mlp_ratio,
+                patch_size=enc.patch_size[0], num_patches=h0 * w0)
+        return _TokredEncoder(model.encoder), _TimmEncoder(model.encoder.vit), gflops, None
+    reference = baseline_like(cfg, model)
+    base_gflops = count_gflops(reference, images[:1]) if gflops is not None else None
+    if gflops is not None:
+        gflops["baseline_gflops"] = base_gflops["gflops"]
+        gflops["gflops_ratio"] = base_gflops["gflops"] / gflops["gflops"]
+    return model, reference, gflops, base_gflops
+
+
+def _token_summary(model, images: torch.Tensor) -> dict[str, Any] | None:
+    """Token accounting over the images one by one (counts of dynamic reducers depend on the content)."""
+    from tokred.measure import TokenAccounting
+
+    if len(images) == 0:
+        return None
+    acct = TokenAccounting()
+    with torch.inference_mode():
+        for img in images.split(1):
+            acct.update(model(img).state)
+    return acct.summary()
+
+
+def _table(cfg: DictConfig, gflops, base_gflops, tokens, throughput) -> list[list[str]]:
+    b = cfg.bench
+    red, ref = throughput["reduced"], throughput["baseline"]
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    def g(d: Any, *keys: str) -> Any:
+        for k in keys:
+            d = None if d is None else d.get(k)
+        return d
+
+    return [["configuration", method_name(cfg), f"reference: {b.reference}"],
+            ["GFLOPs / image", fmt(g(gflops, "gflops")), fmt(g(base_gflops, "gflops"))],
+            ["  of which encoder", fmt(g(gflops, "by_module", "encoder")), fmt(g(gflops, "analytic_encoder_gflops"))],
+            ["im/s (median)", fmt(red["images_per_second"]), fmt(ref["images_per_second"])],
+            ["latency / batch (ms)", fmt(1000 * b.batch_size / red["images_per_second"]),
+             fmt(1000 * b.batch_size / ref["images_per_second"])],
+            ["peak memory (MiB)", fmt(red["peak_memory_mib"]), fmt(ref["peak_memory_mib"])],
+            ["token reduction", fmt(g(tokens, "token_reduction")), ""],
+            ["halted fraction", fmt(g(tokens, "halted_fraction")), ""],
+            ["speedup", fmt(throughput["speedup"]), ""], ["GFLOPs ratio", fmt(throughput["gflops_ratio"]), ""],
+            ["efficiency", fmt(throughput["efficiency"]), ""]]
+
+
+def bench_job(cfg: DictConfig) -> dict[str, Any]:
+    """Measures the configuration against ``bench.reference`` and writes ``metrics.json`` (module docstring).
+
+    Returns:
+        The metrics written.
+
+    Raises:
+        ValueError: a bad ``bench.inputs``/``bench.reference``, or an unavailable ``device``.
+    """
+    from tabulate import tabulate
+
+    from tokred.measure import compare, provenance
+    from tokred.results import assemble_metrics, write_metrics
+
+    seed_everything(int(cfg.seed))
+    b = cfg.bench
+    device = resolve_device(cfg.device)
+    model = build_model_from_config(cfg).eval()
+    if cfg.checkpoint:
+        load_segmentation_checkpoint(model, cfg.checkpoint, str(cfg.get("checkpoint_format", "auto")))
+    crop = tuple(cfg.dataset.crop_size)
+    images = _inputs(cfg, max(int(b.batch_size), int(b.flops_images)), crop)
+    subject, reference, gflops, base_gflops = _subjects(cfg, model, images, crop)
+    tokens = _token_summary(model, images[: max(int(b.flops_images), 0)])
+    throughput = compare(subject, reference, int(b.batch_size), crop, device=str(device), precision=b.precision,
+                         warmup=int(b.warmup), repeats=int(b.repeats), threads=b.threads,
+                         gflops_reduced=None if gflops is None else gflops["gflops"],
+                         gflops_baseline=None if base_gflops is None else base_gflops["gflops"],
+                         inputs=images[: int(b.batch_size)])
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    metrics = assemble_metrics(
+        model=c["model"], dataset=c["dataset"], crop_size=crop, decoder=c["decoder"], merger=c["merger"],
+        pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
+        quality={"miou": None, "per_class_iou": None, "pixel_accuracy": None},
+        provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
+        throughput=throughput, tokens=tokens,
+        extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
+               "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
+               "reference_images_per_second": throughput["baseline"]["images_per_second"]})
+    h, w = crop
+    name = b.run_name or (f"bench_{method_name(cfg)}_{str(cfg.model.name).replace('_', '-')}_{cfg.decoder.name}_"
+                          f"{cfg.dataset.name}-{h}x{w}_b{b.batch_size}_{b.precision}_vs-{b.reference}")
+    out_dir = new_run_dir(b.output_dir, name)
+    write_metrics(out_dir / "metrics.json", metrics)
+    red = throughput["reduced"]
+    sys.stdout.write(tabulate(_table(cfg, gflops, base_gflops, tokens, throughput), tablefmt="simple") + "\n")
+    sys.stdout.write(f"{red['device_name']} ({red['device']}), {b.precision}, batch {b.batch_size}, "
+                     f"{red['threads']} threads, {crop[0]}x{crop[1]} px; results: {out_dir}\n")
+    return metrics

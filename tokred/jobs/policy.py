@@ -1,0 +1,110 @@
+"""``python -m tokred train-policy`` and the policy stage of ``run``: fit the component a reducer needs.
+
+Which reducers need one is asked of the reducer classes (``needs_fitting(kwargs)`` / ``fitting_key()``, e.g.
+dCTS/CTS with ``policy=cnn`` and no ``policy_checkpoint``), never decided from their names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tokred.config import build_datasets, reducer_kwargs, resolve_device, seed_everything
+from tokred.io import policy_cache_path
+
+__all__ = ["ensure_policy", "fitting_slot", "policy_path", "train_policy_job"]
+
+log = logging.getLogger("tokred")
+
+
+def fitting_slot(cfg: DictConfig, ignore_existing: bool = False) -> tuple[str, dict[str, Any], str] | None:
+    """The reducer slot whose component must be fitted before training, or None.
+
+    Args:
+        ignore_existing: ask whether the reducer *could* be fitted (its fitted file treated as absent), as
+            ``train-policy`` does.
+
+    Returns:
+        ``(slot, constructor kwargs, fitting key)``, e.g. ``("merger", {...}, "policy_checkpoint")``.
+    """
+    from tokred.plugins import REDUCERS
+
+    for slot, (name, kwargs) in reducer_kwargs(cfg).items():
+        cls = REDUCERS.get(name)
+        key = cls.fitting_key()
+        if cls.needs_fitting({**kwargs, key: None} if (ignore_existing and key) else kwargs):
+            return slot, kwargs, key
+    return None
+
+
+def policy_path(cfg: DictConfig, kwargs: dict[str, Any]) -> Path:
+    """``policy.out``, else the shared cache file for this data set, crop, policy backbone and levels."""
+    if cfg.policy.out:
+        return Path(cfg.policy.out)
+    return policy_cache_path(str(cfg.dataset.name), tuple(cfg.dataset.crop_size), str(kwargs["policy_backbone"]),
+                             list(kwargs.get("levels") or [2]))
+
+
+def train_policy_job(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m tokred train-policy merger=dcts [dataset=...]``: trains the superpatch policy network on
+    ground-truth window uniformity (methods.md Sec. 1-2), reports per-level precision/recall on
+    ``policy.val_split`` and saves it (never over an existing file).
+
+    Raises:
+        ValueError: no configured reducer has a component to fit (e.g. merger=none, or policy=oracle).
+        FileExistsError: the output file exists.
+    """
+    from tokred.policy import build_policy, train_policy
+
+    found = fitting_slot(cfg, ignore_existing=True)
+    if found is None:
+        raise ValueError(f"train-policy: neither merger={cfg.merger.name} nor pruner={cfg.pruner.name} has a "
+                         "policy network to train; use merger=dcts or merger=cts with policy=cnn")
+    _, kwargs, _ = found
+    out = policy_path(cfg, kwargs)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; delete it or pass policy.out=OTHER_PATH")
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    levels = list(kwargs.get("levels") or [2])
+    policy = build_policy(levels, int(cfg.model.patch_size), kwargs["policy_backbone"])
+    thresholds = kwargs.get("thresholds")
+    res = train_policy(build_datasets(cfg, train=True), build_datasets(cfg, train=False, split=cfg.policy.val_split),
+                       policy, int(cfg.policy.epochs), lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size),
+                       device=device, out_path=out, thresholds=thresholds, num_workers=int(cfg.train.num_workers),
+                       max_steps=cfg.policy.max_steps, seed=int(cfg.seed))
+    sys.stdout.write(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2, default=str) + "\n")
+    return res
+
+
+def ensure_policy(cfg: DictConfig) -> bool:
+    """Before ``run``: reuse the cached fitted component of a reducer that needs one, or train it first
+    (``policy.reuse=false`` always trains a fresh one at ``policy.out``), and point the config at it.
+
+    Returns:
+        True when ``cfg`` was changed (the model must be built again).
+
+    Raises:
+        FileExistsError: ``policy.reuse=false`` but the output file exists.
+    """
+    found = fitting_slot(cfg)
+    if found is None:
+        return False
+    slot, kwargs, key = found
+    path = policy_path(cfg, kwargs)
+    if not (path.exists() and cfg.policy.reuse):
+        log.info("training the %s policy network first -> %s", cfg[slot].name, path)
+        if path.exists():
+            raise FileExistsError(f"policy.reuse=false but {path} exists; pass policy.out=NEW_PATH")
+        train_policy_job(cfg)
+    else:
+        log.info("reusing trained policy %s", path)
+    OmegaConf.set_struct(cfg, False)
+    cfg[slot][key] = str(path)
+    OmegaConf.set_struct(cfg, True)
+    return True

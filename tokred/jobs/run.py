@@ -1,0 +1,292 @@
+"""``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory.
+
+A run directory (``output_dir/<run name>``, never overwritten: ``-2``, ``-3``, ...) holds ``config.yaml``,
+``train_log.csv``, ``last.pth``, ``run.log`` and ``metrics.json`` (``tokred.results``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tokred.config import (baseline_like, build_datasets, build_model_from_config, default_run_name, eval_images,
+                           eval_labels, inference_settings, make_loader, method_name, resolve_device,
+                           seed_everything, spread_indices, test_pipeline)
+from tokred.engine.checkpoint import load_checkpoint
+from tokred.models.checkpoints import load_segmentation_checkpoint
+from tokred.engine.distributed import init_distributed, is_main_process, world_size
+from tokred.io import eval_mode, new_run_dir
+from tokred.jobs.policy import ensure_policy
+from tokred.models.segmenter import Segmenter
+
+__all__ = ["reads_labels", "run_job"]
+
+log = logging.getLogger("tokred")
+
+
+def reads_labels(model: Segmenter) -> bool:
+    """Whether a reducer of ``model`` reads the ground truth (oracle policies): an upper bound, not timed."""
+    return any(r.reads_labels for r in model.reducers)
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    """A fresh run directory, or the existing one when ``resume=true``.
+
+    Raises:
+        ValueError: a bad ``existing_run`` value or run name.
+        FileNotFoundError: ``resume=true`` but no such run exists.
+    """
+    name = cfg.run_name or default_run_name(cfg)
+    if cfg.existing_run not in ("new", "skip_or_resume"):
+        raise ValueError(f"existing_run must be 'new' or 'skip_or_resume', got {cfg.existing_run!r}")
+    if cfg.resume:
+        base = Path(cfg.output_dir) / name
+        if not (base / "last.pth").is_file():
+            raise FileNotFoundError(f"resume=true but {base / 'last.pth'} does not exist; drop resume or set "
+                                    "run_name to an existing run under output_dir")
+        return base
+    return new_run_dir(cfg.output_dir, name)
+
+
+def _file_logging(run_dir: Path) -> logging.Handler:
+    """Adds ``run_dir/run.log`` to the root logger; the caller removes it (a multirun shares one process)."""
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def _train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    from tokred.engine.train import build_optimizer, build_scheduler, train
+
+    ds = build_datasets(cfg, train=True)
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True) if world_size() > 1 else None
+    t = cfg.train
+    loader = make_loader(ds, int(t.batch_size), True, int(t.num_workers), sampler)
+    if len(loader) == 0:
+        raise ValueError(f"train.batch_size={t.batch_size} is larger than the training set ({len(ds)} images); "
+                         "lower it")
+    opt = build_optimizer(model, t.optimizer, float(t.lr), float(t.weight_decay), float(t.momentum))
+    total = int(t.epochs) * len(loader)
+    if t.max_iters is not None:
+        total = min(total, int(t.max_iters))
+    sched = build_scheduler(opt, total, int(t.warmup_iters), float(t.poly_power))
+    start_epoch = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(run_dir / "last.pth")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"])
+        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+    net: torch.nn.Module = model
+    if world_size() > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    t0 = time.perf_counter()
+    losses = train(net, loader, opt, sched, device, int(t.epochs), run_dir=run_dir if is_main_process() else None,
+                   start_epoch=start_epoch, amp=bool(t.amp), grad_clip=t.grad_clip, max_iters=t.max_iters,
+                   checkpoint_every=int(t.checkpoint_every),
+                   checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)}, sampler=sampler)
+    return {"train_seconds": time.perf_counter() - t0, "train_images": len(ds), "final_losses": losses}
+
+
+def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.device) -> dict[str, Any]:
+    """Quality on the eval split, token accounting over every forward, then cost (GFLOPs, im/s vs none)."""
+    from tokred.data import dataset_info
+    from tokred.engine.evaluate import evaluate
+    from tokred.measure import TokenAccounting
+
+    ds = build_datasets(cfg, train=False)
+    loader = make_loader(ds, int(cfg.eval.batch_size), False, int(cfg.train.num_workers))
+    acct = TokenAccounting()
+    inf = inference_settings(cfg)
+    quality = evaluate(model, loader, int(cfg.dataset.num_classes), device, int(cfg.dataset.ignore_index),
+                       mode=inf.mode, crop=inf.crop, stride=inf.stride,
+                       class_names=dataset_info(cfg.dataset.name).class_names, on_state=acct.update,
+                       amp=bool(cfg.train.amp), batch_size=int(cfg.eval.batch_size))
+    quality["eval_split"] = cfg.eval.split
+    quality["eval_protocol"] = {"test_pipeline": test_pipeline(cfg), "mode": inf.mode,
+                                "window": None if inf.crop is None else list(inf.crop),
+                                "stride": None if inf.stride is None else list(inf.stride)}
+    return {"quality": quality, "tokens": acct.summary(), **_measure_cost(cfg, model, ds, device)}
+
+
+def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -> dict[str, Any]:
+    """GFLOPs (fvcore, each image with its own token counts) and im/s of this model next to the unreduced
+    one, measured side by side in this process on real eval images."""
+    from tokred.measure import compare, count_gflops
+
+    crop = tuple(cfg.dataset.crop_size)
+    n_flops = min(int(cfg.eval.flops_images), len(ds))
+    if n_flops <= 0:
+        return {}
+    oracle = reads_labels(model)
+    baseline = baseline_like(cfg, model)
+    if test_pipeline(cfg) == "protocol":
+        # The data set's own test resolution and windows: GFLOPs per image are summed over its windows.
+        from tokred.measure.flops import count_gflops_windows
+
+        inf = inference_settings(cfg)
+        items = [ds[int(i)] for i in spread_indices(len(ds), n_flops)]
+        images = [im for im, _ in items]
+        with eval_mode(model):
+            gflops = count_gflops_windows(model.cpu(), images, inf.mode, inf.crop, inf.stride,
+                                          targets=[lb for _, lb in items] if oracle else None)
+        base_gflops = count_gflops_windows(baseline, images[:1], inf.mode, inf.crop, inf.stride)
+        images = eval_images(ds, n_flops, crop)  # im/s below: crop-size inputs, like bench
+    else:
+        images = eval_images(ds, n_flops, crop)
+        targets = eval_labels(ds, n_flops, crop) if oracle else None
+        with eval_mode(model):
+            gflops = count_gflops(model.cpu(), images, targets)
+        base_gflops = count_gflops(baseline, images[:1])
+    gflops["baseline_gflops"] = base_gflops["gflops"]
+    gflops["gflops_ratio"] = base_gflops["gflops"] / gflops["gflops"]
+    model.to(device)
+    throughput = None
+    if oracle:
+        log.info("not timing %s: it reads the ground truth (an upper bound, not a deployable model)",
+                 method_name(cfg))
+    elif cfg.eval.bench:
+        bs = int(cfg.eval.bench_batch_size)
+        throughput = compare(model, baseline, bs, crop, device=str(device),
+                             precision="bf16" if (cfg.train.amp and device.type == "cuda") else "fp32",
+                             warmup=2, repeats=int(cfg.eval.bench_repeats), gflops_reduced=gflops["gflops"],
+                             gflops_baseline=base_gflops["gflops"], inputs=eval_images(ds, bs, crop))
+    return {"gflops": gflops, "throughput": throughput}
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    m = metrics
+    rows = [["method", m.get("method")], ["model", m.get("model", {}).get("name")],
+            ["dataset / split", f"{m.get('dataset', {}).get('name')} / {m.get('eval_split')}"],
+            ["images evaluated", m.get("num_images")],
+            ["mIoU (%)", _fmt(m.get("miou"), True)], ["pixel acc (%)", _fmt(m.get("pixel_accuracy"), True)],
+            ["GFLOPs / image", _fmt(m.get("gflops"))], ["GFLOPs ratio vs none", _fmt(m.get("gflops_ratio"))],
+            ["im/s", _fmt(m.get("images_per_second"))], ["speedup vs none", _fmt(m.get("speedup"))],
+            ["token reduction", _fmt(m.get("token_reduction"))],
+            ["halted fraction", _fmt(m.get("halted_fraction"))], ["device", m.get("device")]]
+    sys.stdout.write(tabulate(rows, tablefmt="simple") + "\n")
+    per_class = m.get("per_class_iou") or {}
+    if per_class:
+        sys.stdout.write(tabulate([[k, _fmt(v, True)] for k, v in per_class.items()], headers=["class", "IoU (%)"],
+                                  tablefmt="simple") + "\n")
+    sys.stdout.write(f"results: {run_dir}\n")
+
+
+def _assemble_metrics(cfg: DictConfig, model: Segmenter, measured: dict[str, Any],
+                      extra: dict[str, Any]) -> dict[str, Any]:
+    from tokred.measure import provenance
+    from tokred.results import assemble_metrics
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    gflops = measured.get("gflops")
+    return assemble_metrics(
+        model=c["model"], dataset=c["dataset"], crop_size=c["dataset"]["crop_size"], decoder=c["decoder"],
+        merger=c["merger"], pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
+        quality=measured["quality"], provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}),
+        gflops=gflops, throughput=measured.get("throughput"), tokens=measured["tokens"],
+        extra={"method": method_name(cfg), "gflops_ratio": None if gflops is None else gflops["gflops_ratio"],
+               "reducer_config": {r.kind: {"class": type(r).__name__, **r.extra_config()} for r in model.reducers},
+               "train": c["train"], "eval": c["eval"], "world_size": world_size(), **extra})
+
+
+def _skip_or_resume(cfg: DictConfig) -> dict[str, Any] | None:
+    """``existing_run=skip_or_resume``: the finished run's metrics, or None (``resume`` set when interrupted)."""
+    existing = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg))
+    if (existing / "metrics.json").is_file():
+        log.info("skipping finished run %s", existing)
+        return json.loads((existing / "metrics.json").read_text())
+    if (existing / "last.pth").is_file():
+        OmegaConf.set_struct(cfg, False)
+        cfg.resume = True
+        OmegaConf.set_struct(cfg, True)
+        log.info("resuming interrupted run %s", existing)
+    return None
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory.
+
+    Returns:
+        The metrics written to ``metrics.json`` (empty on ranks other than 0).
+
+    Raises:
+        ValueError / KeyError: an impossible configuration, before anything is written.
+        FileNotFoundError: ``resume=true`` without a run to resume.
+    """
+    seed_everything(int(cfg.seed))
+    device = init_distributed(resolve_device(cfg.device))
+    model = build_model_from_config(cfg)  # validates names and parameters before anything is written
+    if cfg.existing_run == "skip_or_resume":
+        done = _skip_or_resume(cfg)
+        if done is not None:
+            return done
+    if is_main_process() and ensure_policy(cfg):
+        model = build_model_from_config(cfg)  # now with the fitted policy loaded
+    model = model.to(device)
+    run_dir = _run_dir(cfg) if is_main_process() else Path(cfg.output_dir)
+    handler = _file_logging(run_dir) if is_main_process() else None
+    try:
+        return _run_in_dir(cfg, model, device, run_dir)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _init_from(cfg: DictConfig, model: Segmenter) -> None:
+    """Loads ``init_from`` weights; reducer parameters the checkpoint lacks keep their init.
+
+    Raises:
+        ValueError: the checkpoint holds weights this model lacks, or lacks backbone/decoder weights.
+    """
+    missing, unexpected = model.load_state_dict(load_checkpoint(cfg.init_from)["model"], strict=False)
+    if unexpected:
+        raise ValueError(f"init_from={cfg.init_from} holds weights this model lacks ({unexpected[:5]}); "
+                         "is it a checkpoint of another model or decoder?")
+    core = [k for k in missing if k.startswith(("encoder.vit.", "decoder."))]
+    if core:
+        raise ValueError(f"init_from={cfg.init_from} lacks backbone/decoder weights ({core[:5]})")
+    log.info("initialised from %s (%d reducer tensors keep their init)", cfg.init_from, len(missing))
+
+
+def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    from tokred.results import write_metrics
+
+    if is_main_process():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        log.info("run directory %s", run_dir)
+    extra: dict[str, Any] = {"run_dir": str(run_dir)}
+    if cfg.init_from and not cfg.resume:
+        _init_from(cfg, model)
+        extra["init_from"] = str(cfg.init_from)
+    if cfg.checkpoint:
+        load_segmentation_checkpoint(model, cfg.checkpoint, str(cfg.get("checkpoint_format", "auto")))
+        extra["checkpoint"] = str(cfg.checkpoint)
+    elif int(cfg.train.epochs) > 0:
+        extra.update(_train_stage(cfg, model, device, run_dir))
+    if not is_main_process():
+        return {}
+    measured = _evaluate_and_measure(cfg, model, device)
+    metrics = _assemble_metrics(cfg, model, measured, extra)
+    write_metrics(run_dir / "metrics.json", metrics)
+    _print_summary(run_dir, metrics)
+    return metrics
