@@ -221,7 +221,8 @@ def test_recorded_name_form_selects_the_reducer_schema(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from tokred.ablations.grid import write_cell_configs
-    from tokred.config import config_dir, reducer_kwargs
+    from tokred.config import config_dir
+    from tokred.structured import reducer_kwargs
 
     grid = Grid.from_mapping({"protocol": "p", "overrides": ["model=test_vit"], "reference": "old", "cells": {
         "old": {"overrides": ["pruner.name=cropr", "+pruner.r=3"], "mode": "finetune", "budget": "r=3"}}})

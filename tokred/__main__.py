@@ -20,7 +20,8 @@ import importlib
 import logging
 import sys
 
-from tokred.config import config_dir, register_configs, validate
+from tokred.config import config_dir
+from tokred.structured import register_configs, validate
 
 __all__ = ["JOBS", "config_dir", "main"]
 

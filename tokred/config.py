@@ -14,8 +14,7 @@ when called.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,8 +24,8 @@ if TYPE_CHECKING:
     from tokred.models.segmenter import Segmenter
 
 __all__ = ["baseline_like", "build_datasets", "build_model_from_config", "config_dir", "default_run_name",
-           "eval_images", "eval_labels", "make_loader", "method_name", "reducer_kwargs", "register_configs",
-           "resolve_device", "seed_everything", "validate"]
+           "eval_images", "eval_labels", "inference_settings", "make_loader", "method_name", "resolve_device",
+           "seed_everything", "spread_indices", "test_pipeline"]
 
 
 def config_dir() -> str:
@@ -39,25 +38,6 @@ def config_dir() -> str:
     from tokred.structured import config_root
 
     return str(config_root())
-
-
-def register_configs() -> None:
-    """Registers tokred's structured config schemas (``tokred.structured.register_configs``; idempotent).
-    Call before any Hydra compose."""
-    from tokred.structured import register_configs as register
-
-    register()
-
-
-def validate(cfg: DictConfig, overrides: Sequence[str]) -> None:
-    """Checks a composed config against the overrides that made it (``tokred.structured.validate``).
-
-    Raises:
-        ValueError: (``tokred.structured.ConfigError``) e.g. a ``+key=value`` that nothing reads.
-    """
-    from tokred.structured import validate as check
-
-    check(cfg, overrides)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -95,19 +75,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def reducer_kwargs(cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{"merger": (name, constructor kwargs), "pruner": (name, kwargs)}`` of a composed config.
-
-    Delegates to ``tokred.structured.reducer_kwargs`` (schedule attached where the reducer accepts one).
-
-    Raises:
-        ValueError: a slot without a name, an unknown reducer (valid names listed) or a schedule nothing takes.
-    """
-    from tokred.structured import reducer_kwargs as structured_kwargs
-
-    return structured_kwargs(cfg)
-
-
 def build_model_from_config(cfg: DictConfig) -> Segmenter:
     """Builds the ``Segmenter`` that ``cfg`` (the composed tokred config) describes.
 
@@ -120,6 +87,8 @@ def build_model_from_config(cfg: DictConfig) -> Segmenter:
     backbone_kwargs = dict(OmegaConf.to_container(m.backbone_kwargs, resolve=True) or {})
     for key in ("embed_dim", "depth", "num_heads"):
         backbone_kwargs.setdefault(key, int(m[key]))
+    from tokred.structured import reducer_kwargs
+
     reducers = reducer_kwargs(cfg)
     (merger, merger_kwargs), (pruner, pruner_kwargs) = reducers["merger"], reducers["pruner"]
     return build_segmenter(

@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from tokred.ablations.grid import (BASELINE_CELL, RESERVED_KEYS, Cell, Grid, hydra_value, key_of, matches,
                                    protocol_identity, read_protocol, searchpath, write_cell_configs)
 from tokred.ablations.summary import summarize, write_summary
-from tokred.config import config_dir, register_configs
+from tokred.config import config_dir
+from tokred.structured import register_configs
 from tokred.io import atomic_write_json, policy_cache_path
 
 __all__ = ["ablate_job", "run_grid"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokred.data.spec import DatasetSpec, TestPipeline, check_split, lut_from_mapping, require_dir
+from tokred.data.spec import (DatasetSpec, TestPipeline, check_split, lut_from_mapping, pair_with_labels,
+                              require_dir)
 
 __all__ = ["ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "ade20k_files", "ade20k_lut"]
 
@@ -82,13 +83,7 @@ def ade20k_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     images = sorted(image_dir.glob("*.jpg"))
     if not images:
         raise FileNotFoundError(f"no *.jpg images in {image_dir}. Expected layout: {LAYOUT}")
-    pairs = []
-    for image in images:
-        label = label_dir / f"{image.stem}.png"
-        if not label.is_file():
-            raise FileNotFoundError(f"label {label} for image {image} does not exist. Expected layout: {LAYOUT}")
-        pairs.append((image, label))
-    return pairs
+    return pair_with_labels(images, lambda image: label_dir / f"{image.stem}.png", LAYOUT)
 
 
 ADE20K = DatasetSpec(

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokred.data.spec import DatasetSpec, TestPipeline, check_split, lut_from_mapping, require_dir
+from tokred.data.spec import (DatasetSpec, TestPipeline, check_split, lut_from_mapping, pair_with_labels,
+                              require_dir)
 
 __all__ = ["CITYSCAPES", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "cityscapes_files", "cityscapes_lut"]
 
@@ -65,13 +66,9 @@ def cityscapes_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     images = sorted(image_dir.glob(f"*/*{suffix}"))
     if not images:
         raise FileNotFoundError(f"no */*{suffix} images in {image_dir}. Expected layout: {LAYOUT}")
-    pairs = []
-    for image in images:
-        label = label_dir / image.parent.name / f"{image.name[:-len(suffix)]}_gtFine_labelIds.png"
-        if not label.is_file():
-            raise FileNotFoundError(f"label {label} for image {image} does not exist. Expected layout: {LAYOUT}")
-        pairs.append((image, label))
-    return pairs
+    return pair_with_labels(
+        images, lambda image: label_dir / image.parent.name / f"{image.name[:-len(suffix)]}_gtFine_labelIds.png",
+        LAYOUT)
 
 
 CITYSCAPES = DatasetSpec(

@@ -140,6 +140,22 @@ def require_dir(path: Path, layout: str) -> None:
         )
 
 
+def pair_with_labels(images: Sequence[Path], label_of: Callable[[Path], Path], layout: str
+                     ) -> list[tuple[Path, Path]]:
+    """``(image, label_of(image))`` for every image, in order.
+
+    Raises:
+        FileNotFoundError: an image's label does not exist (names both and the expected layout).
+    """
+    pairs = []
+    for image in images:
+        label = label_of(image)
+        if not label.is_file():
+            raise FileNotFoundError(f"label {label} for image {image} does not exist. Expected layout: {layout}")
+        pairs.append((image, label))
+    return pairs
+
+
 def check_split(dataset: str, split: str, splits: Sequence[str]) -> None:
     """Raises ``ValueError`` naming the valid splits (and a close match) when ``split`` is not one of them."""
     if split not in splits:

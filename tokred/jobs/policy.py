@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tokred.config import build_datasets, reducer_kwargs, resolve_device, seed_everything
+from tokred.config import build_datasets, resolve_device, seed_everything
+from tokred.structured import reducer_kwargs
 from tokred.io import policy_cache_path
 
 __all__ = ["ensure_policy", "fitting_slot", "policy_path", "train_policy_job"]

@@ -141,7 +141,6 @@ def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -
             gflops = count_gflops_windows(model.cpu(), images, inf.mode, inf.crop, inf.stride,
                                           targets=[lb for _, lb in items] if oracle else None)
         base_gflops = count_gflops_windows(baseline, images[:1], inf.mode, inf.crop, inf.stride)
-        images = eval_images(ds, n_flops, crop)  # im/s below: crop-size inputs, like bench
     else:
         images = eval_images(ds, n_flops, crop)
         targets = eval_labels(ds, n_flops, crop) if oracle else None
