@@ -64,6 +64,7 @@ def camvid_files(root: Path, split: str) -> list[tuple[Path, Path]]:
         raise FileNotFoundError(f"CamVid list file {list_file} not found. Expected layout: {LAYOUT}. "
                                 "Fix: point dataset.root=... at the SegNet CamVid folder.")
     pairs: list[tuple[Path, Path]] = []
+    absent: list[str] = []
     for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -75,12 +76,16 @@ def camvid_files(root: Path, split: str) -> list[tuple[Path, Path]]:
             rel = entry[len(_PREFIX):] if entry.startswith(_PREFIX) else entry
             path = root / rel.lstrip("/")
             if not path.is_file():
-                raise FileNotFoundError(f"{list_file}:{lineno} references {path}, which does not exist. "
-                                        "Fix: restore the file or remove the line from the list.")
+                absent.append(f"{list_file}:{lineno} references {path}, which does not exist")
             pair.append(path)
         pairs.append((pair[0], pair[1]))
+    if absent:  # every missing file at once, not only the first
+        more = f" (and {len(absent) - 10} more)" if len(absent) > 10 else ""
+        raise FileNotFoundError("; ".join(absent[:10]) + more + ". Fix: restore the files or remove their lines "
+                                "from the list.")
     if not pairs:
-        raise FileNotFoundError(f"CamVid list file {list_file} lists no images")
+        raise FileNotFoundError(f"split {split!r} of {root} lists no images ({list_file} is empty). Fix: add "
+                                "'<image> <label>' lines to it, or restore the SegNet list file.")
     return pairs
 
 

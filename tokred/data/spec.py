@@ -145,14 +145,13 @@ def pair_with_labels(images: Sequence[Path], label_of: Callable[[Path], Path], l
     """``(image, label_of(image))`` for every image, in order.
 
     Raises:
-        FileNotFoundError: an image's label does not exist (names both and the expected layout).
+        FileNotFoundError: images whose label does not exist (names every pair, up to 10, and the layout).
     """
-    pairs = []
-    for image in images:
-        label = label_of(image)
-        if not label.is_file():
-            raise FileNotFoundError(f"label {label} for image {image} does not exist. Expected layout: {layout}")
-        pairs.append((image, label))
+    pairs = [(image, label_of(image)) for image in images]
+    absent = [f"label {label} for image {image} does not exist" for image, label in pairs if not label.is_file()]
+    if absent:
+        more = f" (and {len(absent) - 10} more)" if len(absent) > 10 else ""
+        raise FileNotFoundError("; ".join(absent[:10]) + more + f". Expected layout: {layout}")
     return pairs
 
 

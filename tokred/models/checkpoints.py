@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokred.engine.checkpoint import read_torch_file
 from tokred.models.decoders import LinearDecoder, MaskTransformerDecoder
 
-__all__ = ["FORMATS", "detect_format", "load_segmentation_checkpoint", "read_checkpoint", "to_tokred_keys"]
+__all__ = ["FORMATS", "check_segmentation_checkpoint", "detect_format", "guess_model", "load_segmentation_checkpoint",
+           "load_state_dict_checked", "read_checkpoint", "summarise_mismatch", "to_tokred_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file, pickled objects that ``weights_only`` refuses, or no tensors in it.
+        ValueError: unreadable, truncated or random file, pickled objects (tokred never runs pickled code), or
+            no tensors in it; the message names the file and the fix (``tokred.engine.checkpoint``).
     """
     path = Path(path)
     if not path.is_file():
@@ -53,15 +56,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path))
-    else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError, RuntimeError, EOFError ... vary with the torch version
-            raise ValueError(
-                f"checkpoint {path} could not be read with torch.load(weights_only=True) ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); tokred never runs pickled code: re-save only "
-                "its tensors, e.g. torch.save(ckpt['state_dict'], 'weights.pth') in a trusted session") from err
+            obj: Any = load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError (not a public class)
+            raise ValueError(f"{path} is not a complete safetensors file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); re-download or pass another "
+                             "file") from None
+    else:
+        obj = read_torch_file(path, "cpu")
     for _ in range(3):  # nested wrappers ({"model": {"state_dict": ...}})
         if isinstance(obj, Mapping):
             inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
@@ -244,24 +246,128 @@ def _check_variant(seg, variant: Mapping[str, Any], where: Path) -> tuple[int, i
     return int(size[0]) // p, int(size[1]) // p
 
 
-def load_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") -> str:
-    """Loads a whole released segmentation checkpoint (backbone + decoder) into ``seg`` in place.
+# ---------------------------------------------------------------------------------------------- mismatches
+def _shape(t: Any) -> list[int]:
+    return [int(v) for v in (t.shape if hasattr(t, "shape") else t)]
+
+
+def guess_model(sd: Mapping[str, Any]) -> list[str]:
+    """``configs/model`` options whose width, depth and patch size fit the tokred/timm backbone tensors in ``sd``.
 
     Args:
-        seg: a tokred ``Segmenter`` built for the checkpoint's backbone, decoder and ``num_classes``.
-        path: ``checkpoint.pth`` (Segmenter authors; ``variant.yml`` beside it is checked when present),
-            an mmseg ``.pth`` or a tokred state dict (``.pth`` / ``.safetensors``).
-        format: ``"auto"`` (from the key names) or one of ``FORMATS``.
+        sd: state dict (tensors or shapes) with ``encoder.vit.*`` or bare timm ViT keys.
 
     Returns:
-        The format that was loaded.
+        Matching option names (e.g. ``["vit_small", "dinov2_small_reg"]``), ``[]`` when none fits or the
+        backbone tensors are absent.
+    """
+    import yaml
+
+    prefix = "encoder.vit." if any(k.startswith("encoder.vit.") for k in sd) else ""
+    proj = sd.get(prefix + "patch_embed.proj.weight")
+    if proj is None:
+        return []
+    width, patch = _shape(proj)[0], _shape(proj)[-1]
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
+    depth = max(blocks) + 1 if blocks else None
+    try:
+        from tokred.config import config_dir
+
+        files = sorted((Path(config_dir()) / "model").glob("*.yaml"))
+    except (FileNotFoundError, ImportError):  # a broken install: no hint rather than an error
+        return []
+    names = []
+    for f in files:
+        c = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        if c.get("embed_dim") == width and c.get("patch_size") == patch and (depth is None or c.get("depth") == depth):
+            names.append(f.stem)
+    return names
+
+
+def summarise_mismatch(own: Mapping[str, Any], sd: Mapping[str, Any], what: str, strict: bool = True,
+                       allowed_missing: tuple[str, ...] = ("encoder.reducers.",)) -> str | None:
+    """One message for every difference between a model's state dict and a checkpoint's, or None.
+
+    Args:
+        own: the model's ``state_dict()`` (tensors or shapes), never modified.
+        sd: the checkpoint's tensors (tensors or shapes), tokred key names.
+        what: how the message names the file, e.g. ``"checkpoint /x/last.pth"``.
+        strict: report missing and unexpected keys too (only shape differences otherwise).
+        allowed_missing: key prefixes the checkpoint may lack (reducer parameters keep their init).
+
+    Returns:
+        ``"<what> is for another model: 23 keys differ in shape, e.g. encoder.vit.pos_embed [1, 197, 192] vs
+        [1, 1025, 192]; 4 missing, e.g. ...; 2 unexpected, e.g. ...; did you mean model=vit_small?"``, or None
+        when the checkpoint fits.
+    """
+    bad = [k for k in sd if k in own and _shape(sd[k]) != _shape(own[k])]
+    missing = [k for k in own if k not in sd and not k.startswith(allowed_missing)] if strict else []
+    unexpected = [k for k in sd if k not in own] if strict else []
+    if not (bad or missing or unexpected):
+        return None
+    parts = []
+    if bad:
+        k = bad[0]
+        parts.append(f"{len(bad)} keys differ in shape, e.g. {k} {_shape(sd[k])} (checkpoint) vs {_shape(own[k])} "
+                     "(model)")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
+    hints = []
+    keys = bad + missing + unexpected
+    if any(k.startswith("encoder.") for k in keys):
+        names = guess_model(sd)
+        own_names = guess_model(own)
+        names = [n for n in names if n not in own_names] or names
+        pe = "encoder.vit.pos_embed"
+        only_grid = bad == [pe] and not missing and not unexpected
+        if only_grid:
+            hints.append(f"the patch grid differs: set dataset.crop_size to the crop the checkpoint was trained "
+                         f"with ({_shape(sd[pe])[1]} position rows vs {_shape(own[pe])[1]})")
+        elif names:
+            hints.append("did you mean " + " or ".join(f"model={n}" for n in names[:3]) + "?")
+        else:
+            hints.append("check model= (embed_dim / depth / num_heads / patch_size) against the checkpoint")
+    if any(k.startswith("decoder.") for k in keys) and not any(k.startswith("encoder.") for k in keys):
+        hints.append("check decoder= and dataset.num_classes against the checkpoint")
+    if any(k.startswith("encoder.reducers.") for k in keys):
+        hints.append("check merger= / pruner= and their options against the run that wrote it")
+    return f"{what} is for another model: {'; '.join(parts)}; {'; '.join(hints) or 'pass the matching file'}"
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, Tensor], what: str,
+                            strict: bool = True, allowed_missing: tuple[str, ...] = ("encoder.reducers.",)):
+    """``model.load_state_dict`` with every mismatch summarised in one tokred message (:func:`summarise_mismatch`).
+
+    Args:
+        model: the module to fill; untouched when the check fails.
+        state_dict: tensors to load (tokred key names).
+        what: how the message names the source, e.g. ``"init_from=/x/last.pth"``.
+        strict: missing or unexpected keys are errors too (always for shape differences).
+        allowed_missing: key prefixes the state dict may lack (reducer parameters keep their init); ``()`` for
+            a resume, where every tensor must be there.
+
+    Returns:
+        torch's ``(missing_keys, unexpected_keys)`` result.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: unknown ``format``; keys matching no format (lists formats and first keys); a
-            ``variant.yml`` that disagrees with the model; a tensor whose shape differs (names the tensor,
-            both shapes and the option that is likely wrong); checkpoint tensors the model has no place for,
-            or model tensors the checkpoint lacks (outside reducer heads).
+        ValueError: the state dict does not fit the model (counts, first examples, the option to fix).
+    """
+    msg = summarise_mismatch(model.state_dict(), state_dict, what, strict=strict, allowed_missing=allowed_missing)
+    if msg is not None:
+        raise ValueError(msg)
+    # checked above: what is left missing is allowed (reducer parameters keep their init)
+    return model.load_state_dict(state_dict, strict=False)
+
+
+def check_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") -> tuple[dict[str, Tensor], str]:
+    """Reads ``path`` and checks it against ``seg`` without loading it (``seg`` is not modified).
+
+    Args / Raises: as :func:`load_segmentation_checkpoint`.
+
+    Returns:
+        ``(tokred state dict ready for load_state_dict(strict=False), format)``.
     """
     import difflib
 
@@ -294,6 +400,9 @@ def load_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") ->
         raise ValueError(f"checkpoint {path} ({fmt}) holds a {ckpt_dec} decoder but the model has a {own_dec} one; "
                          f"set decoder={ckpt_dec}")
     unexpected = [k for k in sd if k not in own]
+    encoder_off = [k for k in sd if k.startswith("encoder.") and (k not in own or sd[k].shape != own[k].shape)]
+    if encoder_off:  # another backbone: one summary of every difference, with the model= it fits
+        raise ValueError(summarise_mismatch(own, sd, f"checkpoint {path} ({fmt})"))
     if unexpected:
         hint = _hint(unexpected[0])
         if any(k.endswith("attn.qkv.bias") and k.startswith("decoder.") for k in unexpected):
@@ -308,13 +417,39 @@ def load_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") ->
     if missing:
         raise ValueError(f"checkpoint {path} ({fmt}) lacks {len(missing)} tensors of the model, e.g. {missing[:4]}; "
                          f"check {_hint(missing[0])}")
+    if skipped:
+        log.info("checkpoint %s: ignored %d tensors tokred does not use (e.g. %s)", path, len(skipped), skipped[:3])
+    return sd, fmt
+
+
+def load_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") -> str:
+    """Loads a whole released segmentation checkpoint (backbone + decoder) into ``seg`` in place.
+
+    Args:
+        seg: a tokred ``Segmenter`` built for the checkpoint's backbone, decoder and ``num_classes``.
+        path: ``checkpoint.pth`` (Segmenter authors; ``variant.yml`` beside it is checked when present),
+            an mmseg ``.pth`` or a tokred state dict (``.pth`` / ``.safetensors``).
+        format: ``"auto"`` (from the key names) or one of ``FORMATS``.
+
+    Returns:
+        The format that was loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown ``format``; an unreadable, truncated or random file (in tokred's words, naming the
+            file); keys matching no format (lists formats and first keys); a ``variant.yml`` that disagrees
+            with the model; a checkpoint of another backbone (one summary of every difference and the
+            ``model=`` it fits); a tensor whose shape differs (names the tensor, both shapes and the option
+            that is likely wrong); checkpoint tensors the model has no place for, or model tensors the
+            checkpoint lacks (outside reducer heads).
+    """
+    path = Path(path)
+    sd, fmt = check_segmentation_checkpoint(seg, path, format)
     result = seg.load_state_dict(sd, strict=False)
     kept = [k for k in result.missing_keys if k.startswith("encoder.reducers.")]
     if kept:  # expected for released (unreduced) checkpoints; for a tokred one it may be the wrong file
         (log.warning if fmt == "tokred" else log.info)(
             "checkpoint %s: %d reducer tensors (e.g. %s) are not in it and keep their initial values",
             path, len(kept), kept[0])
-    if skipped:
-        log.info("checkpoint %s: ignored %d tensors tokred does not use (e.g. %s)", path, len(skipped), skipped[:3])
     log.info("loaded %s segmentation checkpoint %s", fmt, path)
     return fmt
