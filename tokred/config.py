@@ -14,6 +14,7 @@ when called.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
@@ -128,6 +129,11 @@ def default_run_name(cfg: DictConfig) -> str:
     backbone = str(cfg.model.name).replace("_", "-")
     return (f"{method_name(cfg)}_{backbone}_{cfg.decoder.name}_{world_size()}xb{cfg.train.batch_size}-"
             f"{cfg.train.epochs}ep_{cfg.dataset.name}-{h}x{w}")
+
+
+def named_run_dir(cfg: DictConfig) -> Path:
+    """``output_dir/<run_name or default_run_name>``: the folder ``resume=true`` continues (before ``-2`` ...)."""
+    return Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- data

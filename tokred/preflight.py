@@ -1,10 +1,11 @@
 """Errors before work: every split a run will read and every checkpoint it will open, checked up front.
 
-:func:`preflight_run` is called by ``python -m tokred run`` after the model is built and before the run
-directory exists or any training step runs. It collects EVERY problem (an empty split list, a missing,
-truncated or undecodable image, an image/label size mismatch, label values outside the data set's classes,
-an unreadable checkpoint, a checkpoint of another model) and raises one :class:`PreflightError` that names
-each file and its fix, so a failure writes nothing and the corrected rerun keeps the run name.
+:func:`preflight_run` is meant to run after the model is built and before the run directory exists or any
+training step runs (``python -m tokred run`` does not call it yet: issue 15). It collects EVERY problem (an
+empty split list, a missing, truncated or undecodable image, an image/label size mismatch, label values
+outside the data set's classes, an unreadable checkpoint, a checkpoint of another model) and raises one
+:class:`PreflightError` that names each file and its fix,
+so a failure writes nothing and the corrected rerun keeps the run name.
 
 Cost: every image and label is decoded in full (``PIL.Image.load``, so a truncated file is caught, which
 ``verify()`` would miss). Pairs already validated are remembered in ``results/cache/preflight/`` keyed by
@@ -220,12 +221,6 @@ def _check_data(cfg: DictConfig, mode: str, cache_dir: Path | None, problems: li
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _run_dir(cfg: DictConfig) -> Path:
-    from tokred.config import default_run_name
-
-    return Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg))
-
-
 def _check_checkpoints(cfg: DictConfig, model, run_dir: Path | None, problems: list[str]) -> dict[str, str]:
     from tokred.engine.checkpoint import load_checkpoint
     from tokred.models.checkpoints import check_segmentation_checkpoint, read_checkpoint, summarise_mismatch
@@ -251,7 +246,9 @@ def _check_checkpoints(cfg: DictConfig, model, run_dir: Path | None, problems: l
         attempt("init_from", cfg.init_from,
                 lambda p: summarise_mismatch(own, load_checkpoint(p)["model"], f"init_from={p}"))
     if cfg.get("resume"):
-        last = (run_dir or _run_dir(cfg)) / "last.pth"
+        from tokred.config import named_run_dir
+
+        last = (run_dir or named_run_dir(cfg)) / "last.pth"
         attempt("resume", last, lambda p: summarise_mismatch(own, load_checkpoint(p)["model"],
                                                              f"resume=true: checkpoint {p}", allowed_missing=()))
     backbone = cfg.model.get("checkpoint")

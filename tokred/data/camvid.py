@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokred.data.spec import IGNORE_INDEX, DatasetSpec, TestPipeline, check_split, lut_from_mapping, require_dir
+from tokred.data.spec import (IGNORE_INDEX, DatasetSpec, TestPipeline, check_split, lut_from_mapping,
+                              missing_files_error, require_dir)
 
 __all__ = ["CAMVID", "CAMVID_CLASSES", "CAMVID_PALETTE", "CAMVID_SAMPLE", "camvid_files", "camvid_lut"]
 
@@ -80,9 +81,7 @@ def camvid_files(root: Path, split: str) -> list[tuple[Path, Path]]:
             pair.append(path)
         pairs.append((pair[0], pair[1]))
     if absent:  # every missing file at once, not only the first
-        more = f" (and {len(absent) - 10} more)" if len(absent) > 10 else ""
-        raise FileNotFoundError("; ".join(absent[:10]) + more + ". Fix: restore the files or remove their lines "
-                                "from the list.")
+        raise missing_files_error(absent, "Fix: restore the files or remove their lines from the list.")
     if not pairs:
         raise FileNotFoundError(f"split {split!r} of {root} lists no images ({list_file} is empty). Fix: add "
                                 "'<image> <label>' lines to it, or restore the SegNet list file.")

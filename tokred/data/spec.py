@@ -140,6 +140,12 @@ def require_dir(path: Path, layout: str) -> None:
         )
 
 
+def missing_files_error(absent: Sequence[str], fix: str) -> FileNotFoundError:
+    """One error for every missing file (the first 10 named, then a count), ending with ``fix``."""
+    more = f" (and {len(absent) - 10} more)" if len(absent) > 10 else ""
+    return FileNotFoundError("; ".join(absent[:10]) + more + f". {fix}")
+
+
 def pair_with_labels(images: Sequence[Path], label_of: Callable[[Path], Path], layout: str
                      ) -> list[tuple[Path, Path]]:
     """``(image, label_of(image))`` for every image, in order.
@@ -150,8 +156,7 @@ def pair_with_labels(images: Sequence[Path], label_of: Callable[[Path], Path], l
     pairs = [(image, label_of(image)) for image in images]
     absent = [f"label {label} for image {image} does not exist" for image, label in pairs if not label.is_file()]
     if absent:
-        more = f" (and {len(absent) - 10} more)" if len(absent) > 10 else ""
-        raise FileNotFoundError("; ".join(absent[:10]) + more + f". Expected layout: {layout}")
+        raise missing_files_error(absent, f"Expected layout: {layout}")
     return pairs
 
 

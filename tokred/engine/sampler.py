@@ -1,6 +1,6 @@
 """Resumable, worker-count-independent training order (issue 15, exact resume).
 
-Not yet wired into ``train_stage``/``make_loader``: see the helper report.
+Not yet used by ``tokred.jobs.train_stage`` (issue 15 wires it in).
 """
 from __future__ import annotations
 
@@ -38,15 +38,19 @@ class ResumableSampler(torch.utils.data.Sampler):
         """Select the epoch and skip the first ``offset`` of this rank's samples (mid-epoch resume)."""
         self.epoch, self.offset = epoch, offset
 
+    def _kept(self) -> int:
+        """Samples of the epoch across all ranks: whole global batches only."""
+        step = self.batch_size * self.world_size
+        return self.n // step * step
+
     def _global_order(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        keep = self.n // (self.batch_size * self.world_size) * self.batch_size * self.world_size
-        return perm[:keep], seeds[:keep]
+        return perm[:self._kept()], seeds[:self._kept()]
 
     def __len__(self) -> int:
-        return len(self._global_order()[0]) // self.world_size - self.offset
+        return self._kept() // self.world_size - self.offset
 
     def __iter__(self):
         perm, seeds = self._global_order()

@@ -16,10 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tokred.config import (baseline_like, build_datasets, build_model_from_config, default_run_name, eval_images,
-                           eval_labels, inference_settings, make_loader, method_name, resolve_device,
+                           eval_labels, inference_settings, make_loader, method_name, named_run_dir,
+                           resolve_device,
                            seed_everything, spread_indices, test_pipeline)
 from tokred.engine.checkpoint import load_checkpoint
-from tokred.models.checkpoints import load_segmentation_checkpoint
+from tokred.models.checkpoints import load_segmentation_checkpoint, load_state_dict_checked
 from tokred.engine.distributed import init_distributed, is_main_process, world_size
 from tokred.io import eval_mode, new_run_dir
 from tokred.jobs.policy import ensure_policy
@@ -43,16 +44,15 @@ def _run_dir(cfg: DictConfig) -> Path:
         ValueError: a bad ``existing_run`` value or run name.
         FileNotFoundError: ``resume=true`` but no such run exists.
     """
-    name = cfg.run_name or default_run_name(cfg)
     if cfg.existing_run not in ("new", "skip_or_resume"):
         raise ValueError(f"existing_run must be 'new' or 'skip_or_resume', got {cfg.existing_run!r}")
     if cfg.resume:
-        base = Path(cfg.output_dir) / name
+        base = named_run_dir(cfg)
         if not (base / "last.pth").is_file():
             raise FileNotFoundError(f"resume=true but {base / 'last.pth'} does not exist; drop resume or set "
                                     "run_name to an existing run under output_dir")
         return base
-    return new_run_dir(cfg.output_dir, name)
+    return new_run_dir(cfg.output_dir, cfg.run_name or default_run_name(cfg))
 
 
 def _file_logging(run_dir: Path) -> logging.Handler:
@@ -174,7 +174,7 @@ def _assemble_metrics(cfg: DictConfig, model: Segmenter, measured: dict[str, Any
 
 def _skip_or_resume(cfg: DictConfig) -> dict[str, Any] | None:
     """``existing_run=skip_or_resume``: the finished run's metrics, or None (``resume`` set when interrupted)."""
-    existing = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg))
+    existing = named_run_dir(cfg)
     if (existing / "metrics.json").is_file():
         log.info("skipping finished run %s", existing)
         return json.loads((existing / "metrics.json").read_text())
@@ -222,13 +222,7 @@ def _init_from(cfg: DictConfig, model: Segmenter) -> None:
     Raises:
         ValueError: the checkpoint holds weights this model lacks, or lacks backbone/decoder weights.
     """
-    missing, unexpected = model.load_state_dict(load_checkpoint(cfg.init_from)["model"], strict=False)
-    if unexpected:
-        raise ValueError(f"init_from={cfg.init_from} holds weights this model lacks ({unexpected[:5]}); "
-                         "is it a checkpoint of another model or decoder?")
-    core = [k for k in missing if k.startswith(("encoder.vit.", "decoder."))]
-    if core:
-        raise ValueError(f"init_from={cfg.init_from} lacks backbone/decoder weights ({core[:5]})")
+    missing, _ = load_state_dict_checked(model, load_checkpoint(cfg.init_from)["model"], f"init_from={cfg.init_from}")
     log.info("initialised from %s (%d reducer tensors keep their init)", cfg.init_from, len(missing))
 
 

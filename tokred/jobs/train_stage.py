@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokred.config import build_datasets, make_loader
 from tokred.engine.checkpoint import load_checkpoint
 from tokred.engine.distributed import is_main_process, world_size
+from tokred.models.checkpoints import load_state_dict_checked
 from tokred.models.segmenter import Segmenter
 
 __all__ = ["train_stage"]
@@ -38,7 +39,8 @@ def train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
     start_epoch = 0
     if cfg.resume:
         ckpt = load_checkpoint(run_dir / "last.pth")
-        model.load_state_dict(ckpt["model"])
+        load_state_dict_checked(model, ckpt["model"], f"resume=true: checkpoint {run_dir / 'last.pth'}",
+                                allowed_missing=())
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch = int(ckpt["epoch"])
