@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,12 +23,47 @@ def _smoke(root: Path, cells: tuple[str, ...] = ("none", "tome_r8"), **changes) 
     return dataclasses.replace(grid, root=root, cells=keep, **changes)
 
 
+class _InProcessLaunches:
+    """Stands in for ``subprocess`` in ``tokred.ablations.runner``: the grid's ``python -m tokred run -m ...``
+    commands (checked to be exactly that) go through ``tokred.__main__.main`` in this process, the same Hydra
+    multiruns and exit codes without a fresh interpreter's torch/timm import per stage; anything else is passed
+    to the real ``subprocess``."""
+
+    def __init__(self, run_tokred) -> None:
+        self._run_tokred, self.launched = run_tokred, []
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+    def run(self, argv, *args, env=None, cwd=None, **kwargs):
+        argv = [str(a) for a in argv]
+        if argv[:3] != [sys.executable, "-m", "tokred"] or args or set(kwargs) - {"check", "timeout"}:
+            return subprocess.run(argv, *args, env=env, cwd=cwd, **kwargs)  # not a plain tokred launch
+        self.launched.append(argv[3:])
+        with pytest.MonkeyPatch.context() as mp:  # the child's environment, for the in-process call
+            for k in set(os.environ) - set(env or os.environ):
+                mp.delenv(k)
+            for k, v in (env or {}).items():
+                mp.setenv(k, v)
+            res = self._run_tokred(*argv[3:], cwd=Path.cwd() if cwd is None else Path(cwd))
+        sys.stderr.write(res.stderr[-3000:])  # shown by pytest if the grid fails
+        if kwargs.get("check") and res.returncode != 0:
+            raise subprocess.CalledProcessError(res.returncode, argv, res.stdout, res.stderr)
+        return subprocess.CompletedProcess(argv, res.returncode, res.stdout, res.stderr)
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """The smoke grid (baseline + none + tome_r8) run once, end to end, through the multiruns."""
+def finished(tmp_path_factory, tokred_cli):
+    """The smoke grid (baseline + none + tome_r8) run once, end to end, through the multiruns (run in this
+    process: ``_InProcessLaunches``; tests/test_cli.py runs the command in a real process)."""
+    import tokred.ablations.runner as runner
+
     root = tmp_path_factory.mktemp("ablations")
     grid = _smoke(root)
-    table = run_grid(grid)
+    launches = _InProcessLaunches(tokred_cli)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "subprocess", launches)
+        table = run_grid(grid)
     return grid, table
 
 

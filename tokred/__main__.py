@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("tokred").setLevel(logging.INFO)
         from hydra.core.hydra_config import HydraConfig
 
+        from tokred.engine.train import TrainingInterrupted
+        from tokred.jobs.resume import resume_command
+        from tokred.preflight import PreflightError
         from tokred.structured import ConfigError
 
         try:
@@ -73,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:  # a configuration mistake: one clear line, no traceback, nothing written
             sys.stderr.write(f"tokred {command}: configuration error: {err}\n")
             raise SystemExit(2) from None
+        except PreflightError as err:  # data or checkpoint problems, each named; nothing written
+            sys.stderr.write(f"tokred {command}: {err}\n")
+            raise SystemExit(2) from None
+        except TrainingInterrupted as err:  # SIGINT/SIGTERM: checkpoint written; 130 / 143 as the shell does
+            if err.checkpoint is not None:
+                sys.stderr.write(f"tokred {command}: {err}\nresume with:\n  {resume_command(err.checkpoint.parent)}\n")
+            raise SystemExit(err.exit_code) from None
 
     sys.argv = [f"tokred {command}", *rest]
     hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(task)()

@@ -169,9 +169,10 @@ def inference_settings(cfg: DictConfig):
                           None if cfg.eval.stride is None else tuple(cfg.eval.stride))
 
 
-def make_loader(ds, batch_size: int, shuffle: bool, num_workers: int, sampler=None):
+def make_loader(ds, batch_size: int, shuffle: bool, num_workers: int, sampler=None, generator=None):
     """A ``DataLoader``. Shuffled loaders (training) drop the last incomplete batch; the others (evaluation)
-    keep images of different sizes as lists (``tokred.data.eval_collate``)."""
+    keep images of different sizes as lists (``tokred.data.eval_collate``). ``generator`` (a
+    ``torch.Generator``) seeds the workers instead of the global generator, which training keeps for the model."""
     import torch
 
     from tokred.data import eval_collate
@@ -179,7 +180,8 @@ def make_loader(ds, batch_size: int, shuffle: bool, num_workers: int, sampler=No
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=num_workers, drop_last=shuffle,
                                        collate_fn=None if shuffle else eval_collate,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                       generator=generator)
 
 
 def spread_indices(total: int, n: int):

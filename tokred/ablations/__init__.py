@@ -14,7 +14,11 @@ The job (methods.md Sec. 8 for the measurement conventions):
 
 1. validates every cell before anything is trained: each cell's configuration is composed and its model
    built; unknown reducers, a missing data root, an off-the-shelf cell whose reducer needs trained parameters,
-   or a results folder holding another protocol (``protocol.json``) raise ``ValueError``;
+   or a results folder holding another protocol (``protocol.json``) raise ``ValueError``; so do a results
+   folder whose runs read other data (the data fingerprint recorded in ``protocol.json`` differs: another
+   split file list, other images or label statistics; the same data under another ``dataset.root`` is
+   accepted) and one made by another code version (tokred version, git commit, dirty flag), unless
+   ``grid.allow_code_change=true`` (recorded in ``code_history``); nothing is written then;
 2. trains (or reuses) the unreduced ``baseline`` from scratch, one run per seed;
 3. trains the dCTS/CTS policy networks the cells need (once per protocol, shared by the cells);
 4. runs every remaining cell through ONE Hydra multirun of ``python -m tokred run`` (``existing_run=
@@ -28,13 +32,15 @@ so the multirun is a plain ``experiment=ablation/a,ablation/b,...`` sweep and an
 hand with ``python -m tokred run hydra.searchpath=[file://<protocol dir>/configs] experiment=ablation/<cell>
 <protocol overrides>``.
 
-Layout of ``<root>/<protocol>/``: ``protocol.json`` (protocol, cells, every invocation with its command and
-wall time), ``configs/``, ``runs/<cell>_seed<k>/`` (tokred run directories), ``policy/`` (trained policy
-networks), ``multirun/<stage>/`` (Hydra sweep folders, launcher logs), ``summary.csv``, ``summary.md``,
-``miou_vs_gflops.png``, ``miou_vs_images_per_second.png``, ``tokens_per_block.png``.
+Layout of ``<root>/<protocol>/``: ``protocol.json`` (protocol, cells, every invocation with its command, code
+version and wall time, ``data``: the data fingerprint, ``code``: the current code version, ``code_history``:
+each code version with the runs that finished under it; see ``tokred.ablations.protocol``), ``configs/``,
+``runs/<cell>_seed<k>/`` (tokred run directories), ``policy/`` (trained policy networks), ``multirun/<stage>/``
+(Hydra sweep folders, launcher logs), ``summary.csv``, ``summary.md``, ``miou_vs_gflops.png``,
+``miou_vs_images_per_second.png``, ``tokens_per_block.png``.
 
-Modules: ``grid`` (specs, generated cell configs), ``runner`` (validation, protocol, stages), ``summary``
-(aggregation), ``plots``.
+Modules: ``grid`` (specs, generated cell configs), ``protocol`` (data fingerprint, code version and their
+checks), ``runner`` (validation, protocol, stages), ``summary`` (aggregation), ``plots``.
 """
 
 from tokred.ablations.grid import BASELINE_CELL, Cell, Grid, load_grid

@@ -67,6 +67,9 @@ class Grid:
         reference: the fine-tune cell that delta mIoU is measured against (normally ``none``).
         cells: the cells, in table order (the baseline is implicit).
         name: the grid file's name, for the record.
+        allow_code_change: let a rerun continue the protocol under another code version (tokred version, git
+            commit or dirty flag) than the one ``protocol.json`` records; the change is appended to its
+            ``code_history``. Not part of the protocol (``grid.allow_code_change=true`` on the command line).
     """
 
     protocol: str
@@ -79,6 +82,7 @@ class Grid:
     reference: str
     cells: tuple[Cell, ...]
     name: str = ""
+    allow_code_change: bool = False
 
     @property
     def protocol_dir(self) -> Path:
@@ -90,7 +94,8 @@ class Grid:
 
         Raises:
             ValueError: a missing or malformed field, a bad cell or protocol name, duplicate or reserved cell
-                names, an unknown mode, or a ``reference`` that is not a fine-tune cell.
+                names, an unknown mode, a ``reference`` that is not a fine-tune cell, or an ``allow_code_change``
+                that is not a boolean.
         """
         where = f"grid {name!r}" if name else "grid"
         if isinstance(spec, DictConfig):
@@ -139,7 +144,8 @@ class Grid:
                    overrides=_str_tuple(spec["overrides"], f"{where}: overrides"),
                    execution=_str_tuple(spec.get("execution"), f"{where}: execution"),
                    baseline_epochs=baseline_epochs, finetune_epochs=finetune_epochs, seeds=seeds,
-                   reference=reference, cells=tuple(cells), name=name)
+                   reference=reference, cells=tuple(cells), name=name,
+                   allow_code_change=_bool(spec.get("allow_code_change", False), f"{where}: allow_code_change"))
 
 
 def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
@@ -148,6 +154,14 @@ def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise ValueError(f"{what} must be a list of Hydra override strings, got {value!r}")
     return tuple(str(v) for v in value)
+
+
+def _bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"{what} must be true or false, got {value!r}")
 
 
 def load_grid(name_or_path: str | Path) -> Grid:
@@ -211,7 +225,8 @@ def matches(key: str, prefixes: Iterable[str]) -> bool:
 
 
 def protocol_identity(grid: Grid, extra: Sequence[str]) -> dict[str, Any]:
-    """What two invocations must share to write into the same protocol folder."""
+    """What two invocations must share to write into the same protocol folder (besides the data fingerprint and
+    the code version that ``protocol.json`` records beside it: ``tokred.ablations.protocol``)."""
     return {"protocol": grid.protocol, "overrides": list(grid.overrides),
             "extra_overrides": [o for o in extra if not matches(key_of(o), EXECUTION_KEYS)],
             "baseline_epochs": grid.baseline_epochs, "finetune_epochs": grid.finetune_epochs}

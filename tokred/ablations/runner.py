@@ -26,6 +26,8 @@ from omegaconf import DictConfig
 
 from tokred.ablations.grid import (BASELINE_CELL, RESERVED_KEYS, Cell, Grid, hydra_value, key_of, matches,
                                    protocol_identity, read_protocol, searchpath, write_cell_configs)
+from tokred.ablations.protocol import (FINGERPRINT_CACHE_DIR, attribute_runs, check_provenance, code_version,
+                                       data_fingerprint, stamp_record)
 from tokred.ablations.summary import summarize, write_summary
 from tokred.config import config_dir
 from tokred.structured import register_configs
@@ -92,14 +94,24 @@ def _check_data(cfg: DictConfig, cell: str) -> None:
                          "dataset.root=PATH to the data set folder")
 
 
+def _splits_read(cfg: DictConfig, cell: Cell, trains_policy: bool) -> list[str]:
+    """The splits a composed cell reads: training (unless off the shelf), evaluation, policy training."""
+    d = cfg.dataset
+    splits = [] if cell.mode == "off_the_shelf" else [str(d.train_split)]
+    if trains_policy:
+        splits += [str(d.train_split), str(cfg.policy.val_split)]
+    return list(dict.fromkeys([*splits, str(cfg.eval.split)]))
+
+
 def _validate(grid: Grid, cells: Sequence[Cell], configs_dir: Path, extra: Sequence[str]
-              ) -> tuple[list[Cell], dict[str, dict[str, Any]]]:
-    """Composes and builds every cell; returns the cells to run and the policy networks they need.
+              ) -> tuple[list[Cell], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Composes and builds every cell; returns the cells to run, the policy networks and the data they read.
 
     Returns:
-        ``(cells, policies)``: the runnable cells (optional cells with a missing reducer dropped, with a
-        warning) and ``{cell name: {"levels", "backbone", "crop_size"}}`` for cells whose dCTS/CTS policy
-        network must be trained first.
+        ``(cells, policies, data)``: the runnable cells (optional cells with a missing reducer dropped, with a
+        warning), ``{cell name: {"levels", "backbone", "crop_size"}}`` for cells whose dCTS/CTS policy
+        network must be trained first, and ``{"dataset", "root", "splits"}`` the cells read (the data set and
+        root of the first cell, the baseline; the splits of all).
 
     Raises:
         ValueError: any cell that cannot run, with the cell's name and the fix.
@@ -114,6 +126,7 @@ def _validate(grid: Grid, cells: Sequence[Cell], configs_dir: Path, extra: Seque
     runnable: list[Cell] = []
     policies: dict[str, dict[str, Any]] = {}
     baseline_keys: set[str] | None = None
+    data: dict[str, Any] = {}
     with _composer() as compose, _quiet("tokred.reducers"):
         for cell in cells:
             unknown = [n for n in _reducer_names_asked(cell) if n not in registered]
@@ -141,8 +154,11 @@ def _validate(grid: Grid, cells: Sequence[Cell], configs_dir: Path, extra: Seque
                 baseline_keys = keys
             if policy is not None:
                 policies[cell.name] = policy
+            if not data:
+                data = {"dataset": str(cfg.dataset.name), "root": cfg.dataset.get("root"), "splits": []}
+            data["splits"] = list(dict.fromkeys([*data["splits"], *_splits_read(cfg, cell, policy is not None)]))
             runnable.append(cell)
-    return runnable, policies
+    return runnable, policies, data
 
 
 def _check_cell(cfg: DictConfig, cell: Cell, baseline_keys: set[str] | None
@@ -211,6 +227,11 @@ def _finished(runs_dir: Path, cell: str, seed: int) -> bool:
     return (runs_dir / f"{cell}_seed{seed}" / "metrics.json").is_file()
 
 
+def _finished_runs(runs_dir: Path) -> list[str]:
+    """Run folders holding results (``<cell>_seed<k>`` with metrics.json)."""
+    return sorted(p.parent.name for p in runs_dir.glob("*/metrics.json")) if runs_dir.is_dir() else []
+
+
 def _set_aside_dead_runs(protocol_dir: Path, names: Iterable[str]) -> None:
     """Moves run folders with neither metrics.json nor last.pth (killed before their first checkpoint) to
     ``stale/``, so that ``existing_run=skip_or_resume`` starts them afresh under their own name."""
@@ -265,7 +286,11 @@ def run_grid(grid: Grid, extra_overrides: Sequence[str] = (), hydra_overrides: S
         The summary table (see ``summarize``).
 
     Raises:
-        ValueError: an invalid grid, cell, data root or protocol folder, before anything is trained.
+        ValueError: an invalid grid, cell, data root or protocol folder, before anything is trained and before
+            protocol.json is written; among them a protocol folder whose ``protocol.json`` records other data
+            (its data fingerprint differs: the message names each split and whether its file list, images or
+            label statistics differ) or, unless ``grid.allow_code_change``, another code version (the message
+            names both). See ``tokred.ablations.protocol``.
         RuntimeError: the baseline or a policy failed to train, or cells failed (after the summary of the
             finished ones is written).
     """
@@ -279,12 +304,23 @@ def run_grid(grid: Grid, extra_overrides: Sequence[str] = (), hydra_overrides: S
     all_cells = [baseline, *grid.cells]
     with tempfile.TemporaryDirectory(prefix="tokred-ablate-") as tmp:
         write_cell_configs(Path(tmp), grid, all_cells, runs_dir)
-        active, policy_specs = _validate(grid, all_cells, Path(tmp), extra_overrides)
+        active, policy_specs, reads = _validate(grid, all_cells, Path(tmp), extra_overrides)
+    # what the runs are made from: refused before anything is written when the data or the code differ
+    try:
+        data = data_fingerprint(reads["dataset"], reads["root"], reads["splits"], FINGERPRINT_CACHE_DIR)
+    except OSError as err:  # a listed file vanished or a label cannot be decoded since validation
+        raise ValueError(f"the data the grid reads cannot be fingerprinted: {err}") from err
+    code = code_version()
+    old = read_protocol(protocol_dir)
+    for note in check_provenance(old, data, code, grid.allow_code_change, protocol_dir):
+        log.info("ablate %s: %s", grid.protocol, note)
     policy_out = {name: _policy_path(protocol_dir, spec) for name, spec in policy_specs.items()}
     log.info("ablate %s: %d cells valid (%s)", grid.protocol, len(active) - 1, ", ".join(c.name for c in active[1:]))
 
     # record the protocol, then write the cells' experiment files where every worker can read them
     record = _record(grid, identity, active, command, extra_overrides, hydra_overrides)
+    record["invocations"][-1]["code"] = code
+    stamp_record(record, old, data, code, _finished_runs(runs_dir))
     atomic_write_json(protocol_dir / "protocol.json", record)
     configs_dir = protocol_dir / "configs"
     shutil.rmtree(configs_dir / "experiment" / "ablation", ignore_errors=True)
@@ -299,6 +335,7 @@ def run_grid(grid: Grid, extra_overrides: Sequence[str] = (), hydra_overrides: S
         rec["invocations"][-1]["wall_seconds"] = wall
         rec["invocations"][-1]["launched"] = launch.commands
         rec["total_wall_seconds"] = float(rec.get("total_wall_seconds", 0.0)) + wall
+        attribute_runs(rec, _finished_runs(runs_dir))
         atomic_write_json(protocol_dir / "protocol.json", rec)
 
     # (d) aggregate

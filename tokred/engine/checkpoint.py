@@ -9,6 +9,7 @@ enabled is never repeated.
 from __future__ import annotations
 
 import pickle
+import random
 import re
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 from tokred.io import atomic_file
 
-__all__ = ["describe_load_error", "load_checkpoint", "read_torch_file", "save_checkpoint"]
+__all__ = ["describe_load_error", "load_checkpoint", "read_torch_file", "rng_state", "save_checkpoint", "set_rng_state"]
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -27,6 +28,34 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random state training uses (torch CPU, each CUDA device, NumPy, Python), as tensors and
+    plain values so a checkpoint holding it loads with ``weights_only=True``."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                      float(gauss)],
+            "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss_next]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`rng_state` captured (CUDA states only where this machine has the same devices)."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss_next))
 
 
 def _reason(err: BaseException) -> str:

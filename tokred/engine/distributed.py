@@ -12,17 +12,25 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_main_process", "rank", "world_size"]
+__all__ = ["init_distributed", "is_main_process", "local_device", "rank", "world_size"]
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device this process uses: under torchrun, ``cuda:LOCAL_RANK`` (made current) for a CUDA device;
+    unchanged otherwise. Needs no process group, so stages before it (the policy stage) use the right GPU."""
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def init_distributed(device: torch.device) -> torch.device:
-    """Joins the process group when launched by torchrun; returns the device this rank uses."""
+    """Joins the process group when launched by torchrun (NCCL on CUDA, gloo on CPU); returns this rank's
+    device (:func:`local_device`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    device = local_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
 

@@ -1,6 +1,8 @@
 """Resumable, worker-count-independent training order (issue 15, exact resume).
 
-Not yet used by ``tokred.jobs.train_stage`` (issue 15 wires it in).
+``tokred.jobs.train_stage`` trains through :class:`ResumableSampler` and :class:`SeededDataset`: the batches of
+epoch ``e`` and every augmentation drawn for them depend only on ``(seed, e)``, never on the global random
+generators, the number of data-loader workers or how often the run was interrupted.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self._kept() // self.world_size - self.offset
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of ``batch_size`` this rank takes in a whole epoch (ignoring ``offset``)."""
+        return self._kept() // self.world_size // self.batch_size
 
     def __iter__(self):
         perm, seeds = self._global_order()

@@ -51,7 +51,7 @@ def policy_path(cfg: DictConfig, kwargs: dict[str, Any]) -> Path:
                              list(kwargs.get("levels") or [2]))
 
 
-def train_policy_job(cfg: DictConfig) -> dict[str, Any]:
+def train_policy_job(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     """``python -m tokred train-policy merger=dcts [dataset=...]``: trains the superpatch policy network on
     ground-truth window uniformity (methods.md Sec. 1-2), reports per-level precision/recall on
     ``policy.val_split`` and saves it (never over an existing file).
@@ -79,13 +79,18 @@ def train_policy_job(cfg: DictConfig) -> dict[str, Any]:
                        policy, int(cfg.policy.epochs), lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size),
                        device=device, out_path=out, thresholds=thresholds, num_workers=int(cfg.train.num_workers),
                        max_steps=cfg.policy.max_steps, seed=int(cfg.seed))
-    sys.stdout.write(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2, default=str) + "\n")
+    if not quiet:  # the policy stage of run logs its summary instead (run.log)
+        sys.stdout.write(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2, default=str) + "\n")
     return res
 
 
-def ensure_policy(cfg: DictConfig) -> bool:
+def ensure_policy(cfg: DictConfig, writer: bool = True) -> bool:
     """Before ``run``: reuse the cached fitted component of a reducer that needs one, or train it first
     (``policy.reuse=false`` always trains a fresh one at ``policy.out``), and point the config at it.
+
+    Under torchrun this runs on every rank before the process group exists (no rank waits on another, so no
+    collective can time out): ranks other than 0 (``writer=False``) reuse the cached file when it is there,
+    else train the same policy into a private temporary file; DDP then copies rank 0's weights to all ranks.
 
     Returns:
         True when ``cfg`` was changed (the model must be built again).
@@ -98,13 +103,23 @@ def ensure_policy(cfg: DictConfig) -> bool:
         return False
     slot, kwargs, key = found
     path = policy_path(cfg, kwargs)
-    if not (path.exists() and cfg.policy.reuse):
-        log.info("training the %s policy network first -> %s", cfg[slot].name, path)
+    if path.exists() and cfg.policy.reuse:
+        log.info("reusing trained policy %s", path)
+    elif not writer:
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="tokred-policy-")) / path.name
+        OmegaConf.set_struct(cfg, False)
+        cfg.policy.out = str(path)
+        OmegaConf.set_struct(cfg, True)
+        train_policy_job(cfg, quiet=True)
+    else:
         if path.exists():
             raise FileExistsError(f"policy.reuse=false but {path} exists; pass policy.out=NEW_PATH")
-        train_policy_job(cfg)
-    else:
-        log.info("reusing trained policy %s", path)
+        log.info("policy stage: training the %s policy network first -> %s", cfg[slot].name, path)
+        res = train_policy_job(cfg, quiet=True)
+        log.info("policy stage done: %s", {k: (round(v, 4) if isinstance(v, float) else v)
+                                           for k, v in res.items() if k != "history" and not isinstance(v, dict)})
     OmegaConf.set_struct(cfg, False)
     cfg[slot][key] = str(path)
     OmegaConf.set_struct(cfg, True)

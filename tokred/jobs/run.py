@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from tokred.config import (baseline_like, build_datasets, build_model_from_confi
                            seed_everything, spread_indices, test_pipeline)
 from tokred.engine.checkpoint import load_checkpoint
 from tokred.models.checkpoints import load_segmentation_checkpoint, load_state_dict_checked
-from tokred.engine.distributed import init_distributed, is_main_process, world_size
+from tokred.engine.distributed import init_distributed, is_main_process, local_device, world_size
+from tokred.engine.train import TrainingInterrupted
 from tokred.io import eval_mode, new_run_dir
 from tokred.jobs.policy import ensure_policy
 from tokred.jobs.train_stage import train_stage
@@ -55,12 +57,28 @@ def _run_dir(cfg: DictConfig) -> Path:
     return new_run_dir(cfg.output_dir, cfg.run_name or default_run_name(cfg))
 
 
+class _RunLog(logging.FileHandler):
+    """``run_dir/run.log`` on the root logger, with tokred's loggers at INFO while it is attached (also in
+    library use, where nothing configured them); :meth:`close` detaches it and restores the level."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir / "run.log")
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        self._tokred = logging.getLogger("tokred")
+        self._level = self._tokred.level
+        if self._tokred.getEffectiveLevel() > logging.INFO:
+            self._tokred.setLevel(logging.INFO)
+        logging.getLogger().addHandler(self)
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self)
+        self._tokred.setLevel(self._level)
+        super().close()
+
+
 def _file_logging(run_dir: Path) -> logging.Handler:
-    """Adds ``run_dir/run.log`` to the root logger; the caller removes it (a multirun shares one process)."""
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return handler
+    """Adds ``run_dir/run.log`` to the root logger; the caller closes it (a multirun shares one process)."""
+    return _RunLog(run_dir)
 
 
 def _evaluate_and_measure(cfg: DictConfig, model: Segmenter, device: torch.device) -> dict[str, Any]:
@@ -168,7 +186,8 @@ def _assemble_metrics(cfg: DictConfig, model: Segmenter, measured: dict[str, Any
         quality=measured["quality"], provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}),
         gflops=gflops, throughput=measured.get("throughput"), tokens=measured["tokens"],
         extra={"method": method_name(cfg), "gflops_ratio": None if gflops is None else gflops["gflops_ratio"],
-               "reducer_config": {r.kind: {"class": type(r).__name__, **r.extra_config()} for r in model.reducers},
+               "reducer_config": {slot: {"name": cfg[slot].name, "class": type(r).__name__, **r.extra_config()}
+                                  for slot, r in zip(("merger", "pruner"), model.reducers)},
                "train": c["train"], "eval": c["eval"], "world_size": world_size(), **extra})
 
 
@@ -186,33 +205,75 @@ def _skip_or_resume(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
+def _env_rank() -> int:
+    """This process's rank as torchrun set it (readable before the process group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _agree_on_run_dir(run_dir: Path | None) -> Path:
+    """Rank 0's run folder, on every rank (``resume=true`` under torchrun loads the same ``last.pth``)."""
+    if world_size() <= 1:
+        assert run_dir is not None
+        return run_dir
+    import torch.distributed as dist
+
+    box = [None if run_dir is None else str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(str(box[0]))
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """``python -m tokred run``: train (or load ``checkpoint=``), evaluate, measure, write the run directory.
+
+    Order: the model is built (names and parameters validated), ``resume=true`` is checked against the run's
+    own configuration, every split and checkpoint the run will read is validated (``tokred.preflight``), and
+    only then is the run folder created; a failure up to there writes nothing. The policy stage (dCTS/CTS)
+    runs next, on every rank before the process group exists, logged to ``run.log``; the model is then built
+    again from the seed, so a cached policy and a freshly trained one give the same init and data order.
 
     Returns:
         The metrics written to ``metrics.json`` (empty on ranks other than 0).
 
     Raises:
         ValueError / KeyError: an impossible configuration, before anything is written.
+        PreflightError: (a ``ValueError``) a data or checkpoint problem, before anything is written.
         FileNotFoundError: ``resume=true`` without a run to resume.
+        TrainingInterrupted: SIGINT/SIGTERM during training; the checkpoint is written and the command that
+            resumes the run is logged (``tokred.engine.train``).
     """
+    from tokred.jobs.policy import fitting_slot
+    from tokred.jobs.resume import check_resume, resume_command
+    from tokred.preflight import preflight_run
+
     seed_everything(int(cfg.seed))
-    device = init_distributed(resolve_device(cfg.device))
+    device = local_device(resolve_device(cfg.device))  # this rank's GPU, also for the policy stage
     model = build_model_from_config(cfg)  # validates names and parameters before anything is written
     if cfg.existing_run == "skip_or_resume":
         done = _skip_or_resume(cfg)
         if done is not None:
             return done
-    if is_main_process() and ensure_policy(cfg):
-        model = build_model_from_config(cfg)  # now with the fitted policy loaded
-    model = model.to(device)
-    run_dir = _run_dir(cfg) if is_main_process() else Path(cfg.output_dir)
-    handler = _file_logging(run_dir) if is_main_process() else None
+    main = _env_rank() == 0
+    if cfg.resume:
+        found = fitting_slot(cfg)
+        check_resume(cfg, named_run_dir(cfg), None if found is None else (found[0], found[2]))
+    if main:
+        preflight_run(cfg, model)
+    run_dir = _run_dir(cfg) if main else None
+    handler = _file_logging(run_dir) if run_dir is not None else None
     try:
-        return _run_in_dir(cfg, model, device, run_dir)
+        if ensure_policy(cfg, writer=main):
+            seed_everything(int(cfg.seed))  # the same init whether the policy was cached or just trained
+            model = build_model_from_config(cfg)
+        device = init_distributed(device)
+        run_dir = _agree_on_run_dir(run_dir)
+        try:
+            return _run_in_dir(cfg, model.to(device), device, run_dir)
+        except TrainingInterrupted as err:
+            if is_main_process():
+                log.error("%s; resume with:\n  %s", err, resume_command(run_dir))
+            raise
     finally:
         if handler is not None:
-            logging.getLogger().removeHandler(handler)
             handler.close()
 
 
@@ -230,7 +291,8 @@ def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
     from tokred.results import write_metrics
 
     if is_main_process():
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if not cfg.resume:  # a resumed run keeps the configuration it was started with (checked equal)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory %s", run_dir)
     extra: dict[str, Any] = {"run_dir": str(run_dir)}
     if cfg.init_from and not cfg.resume:
@@ -241,6 +303,7 @@ def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
         extra["checkpoint"] = str(cfg.checkpoint)
     elif int(cfg.train.epochs) > 0:
         extra.update(train_stage(cfg, model, device, run_dir))
+    model.set_progress(1.0)  # everything after training sees the trained budget, not a warm-up fraction
     if not is_main_process():
         return {}
     measured = _evaluate_and_measure(cfg, model, device)

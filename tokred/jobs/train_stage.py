@@ -1,4 +1,4 @@
-"""The training stage of ``python -m tokred run``: data loader, optimizer, schedule, resume, DDP wrapper."""
+"""The training stage of ``python -m tokred run``: data order, optimizer, schedule, exact resume, DDP wrapper."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokred.config import build_datasets, make_loader
 from tokred.engine.checkpoint import load_checkpoint
-from tokred.engine.distributed import is_main_process, world_size
+from tokred.engine.distributed import is_main_process, rank, world_size
+from tokred.engine.sampler import ResumableSampler, SeededDataset
 from tokred.models.checkpoints import load_state_dict_checked
 from tokred.models.segmenter import Segmenter
 
@@ -22,36 +23,54 @@ log = logging.getLogger("tokred")
 
 
 def train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    """Trains ``model`` as ``cfg.train`` says (resuming ``run_dir/last.pth`` when ``resume=true``).
+
+    The order of the training images and their augmentation come from ``(seed, epoch)`` only
+    (:class:`~tokred.engine.sampler.ResumableSampler`): under torchrun each rank takes its share of every
+    global batch (``train.batch_size`` per rank), so N processes see the batches one process sees with
+    N x ``train.batch_size``. After training every reducer's ``progress`` is 1 (the warm-up is over), so
+    evaluation, GFLOPs and timing see the trained budget.
+
+    Returns:
+        ``{"train_seconds", "train_images", "final_losses"}``.
+
+    Raises:
+        ValueError: the training set is smaller than one global batch, or the checkpoint does not match.
+        TrainingInterrupted: SIGINT/SIGTERM; the checkpoint was written (``tokred.engine.train``).
+    """
     from tokred.engine.train import build_optimizer, build_scheduler, train
 
     ds = build_datasets(cfg, train=True)
-    sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=True) if world_size() > 1 else None
     t = cfg.train
-    loader = make_loader(ds, int(t.batch_size), True, int(t.num_workers), sampler)
-    if len(loader) == 0:
-        raise ValueError(f"train.batch_size={t.batch_size} is larger than the training set ({len(ds)} images); "
-                         "lower it")
+    try:
+        sampler = ResumableSampler(len(ds), int(t.batch_size), int(cfg.seed), rank(), world_size())
+    except ValueError as err:
+        raise ValueError(f"train.batch_size={t.batch_size} on {world_size()} process(es): {err}") from None
+    loader = make_loader(SeededDataset(ds), int(t.batch_size), True, int(t.num_workers), sampler,
+                         generator=torch.Generator().manual_seed(int(cfg.seed)))
     opt = build_optimizer(model, t.optimizer, float(t.lr), float(t.weight_decay), float(t.momentum))
-    total = int(t.epochs) * len(loader)
+    total = int(t.epochs) * sampler.batches_per_epoch
     if t.max_iters is not None:
         total = min(total, int(t.max_iters))
     sched = build_scheduler(opt, total, int(t.warmup_iters), float(t.poly_power))
-    start_epoch = 0
+    resume = None
     if cfg.resume:
-        ckpt = load_checkpoint(run_dir / "last.pth")
-        load_state_dict_checked(model, ckpt["model"], f"resume=true: checkpoint {run_dir / 'last.pth'}",
+        resume = load_checkpoint(run_dir / "last.pth")
+        load_state_dict_checked(model, resume["model"], f"resume=true: checkpoint {run_dir / 'last.pth'}",
                                 allowed_missing=())
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        start_epoch = int(ckpt["epoch"])
-        log.info("resumed %s at epoch %d", run_dir, start_epoch)
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        log.info("resumed %s at epoch %d, iteration %d", run_dir, int(resume["epoch"]) + 1,
+                 int(resume.get("iteration", 0)))
     net: torch.nn.Module = model
     if world_size() > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     t0 = time.perf_counter()
     losses = train(net, loader, opt, sched, device, int(t.epochs), run_dir=run_dir if is_main_process() else None,
-                   start_epoch=start_epoch, amp=bool(t.amp), grad_clip=t.grad_clip, max_iters=t.max_iters,
+                   amp=bool(t.amp), grad_clip=t.grad_clip, max_iters=t.max_iters,
                    checkpoint_every=int(t.checkpoint_every),
-                   checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)}, sampler=sampler)
+                   checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)}, sampler=sampler,
+                   resume=resume)
+    model.set_progress(1.0)
     return {"train_seconds": time.perf_counter() - t0, "train_images": len(ds), "final_losses": losses}

@@ -187,23 +187,21 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass model.checkpoint=PATH to a local file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix in (".pth", ".pt", ".bin"):
+        from tokred.engine.checkpoint import read_torch_file
 
-            sd: Any = load_file(str(path))
-        elif path.suffix in (".pth", ".pt", ".bin"):
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(f"checkpoint {path}: unknown suffix {path.suffix!r}; use .safetensors, .pth or "
-                             "(ViT only) .npz")
-    except (RuntimeError, OSError, EOFError) as err:
-        raise ValueError(f"checkpoint {path} could not be read ({err}); is it a complete torch/safetensors "
-                         "file?") from err
-    except Exception as err:  # safetensors raises its own SafetensorError; pickle errors vary
-        if isinstance(err, ValueError):
-            raise
-        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
+        sd: Any = read_torch_file(path, what="model.checkpoint")  # errors in tokred's words, naming the file
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file ({type(err).__name__}: "
+                             f"{err}); re-download or re-save it, or pass another file") from None
+    else:
+        raise ValueError(f"checkpoint {path}: unknown suffix {path.suffix!r}; use .safetensors, .pth or "
+                         "(ViT only) .npz")
     for key in ("model", "state_dict", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

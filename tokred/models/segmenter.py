@@ -117,11 +117,22 @@ class Segmenter(nn.Module):
         return losses
 
     def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Mean cross-entropy over non-ignored pixels; 0 (not NaN) when every pixel is ignored."""
+        """Mean cross-entropy over non-ignored pixels; 0 (not NaN) when every pixel is ignored.
+
+        In DDP training (``torch.distributed`` initialised, ``self.training``) the mean is over the non-ignored
+        pixels of the global batch: the count is summed over the ranks and the rank's sum scaled by the world
+        size, so DDP's gradient average equals one process's gradient on the whole global batch.
+        """
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
-        return total / (target != self.ignore_index).sum().clamp_min(1)
+        count = (target != self.ignore_index).sum()
+        if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                torch.distributed.all_reduce(count)
+                return total * world / count.clamp_min(1)
+        return total / count.clamp_min(1)
 
 
 def _make_reducer(spec: str | Reducer | None, kwargs: Mapping[str, Any] | None, slot: str) -> Reducer:
