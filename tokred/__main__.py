@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from hydra.core.hydra_config import HydraConfig
 
         from tokred.engine.train import TrainingInterrupted
-        from tokred.jobs.resume import resume_command
+        from tokred.jobs.resume import ResumeRefused, resume_command
         from tokred.preflight import PreflightError
         from tokred.structured import ConfigError
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:  # a configuration mistake: one clear line, no traceback, nothing written
             sys.stderr.write(f"tokred {command}: configuration error: {err}\n")
             raise SystemExit(2) from None
-        except PreflightError as err:  # data or checkpoint problems, each named; nothing written
+        except (PreflightError, ResumeRefused) as err:  # data/checkpoint problems, resume refusals; nothing written
             sys.stderr.write(f"tokred {command}: {err}\n")
             raise SystemExit(2) from None
         except TrainingInterrupted as err:  # SIGINT/SIGTERM: checkpoint written; 130 / 143 as the shell does

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RESUME_ALLOWED", "check_resume", "config_differences", "resume_command"]
+__all__ = ["RESUME_ALLOWED", "ResumeRefused", "check_resume", "config_differences", "resume_command"]
 
 log = logging.getLogger("tokred")
 
@@ -30,6 +30,11 @@ log = logging.getLogger("tokred")
 RESUME_ALLOWED: tuple[str, ...] = ("device", "train.num_workers", "train.checkpoint_every", "dataset.root", "eval.",
                                    "bench.", "viz.", "preflight.", "resume", "existing_run", "run_name",
                                    "output_dir")
+
+
+class ResumeRefused(ValueError):
+    """``resume=true`` cannot continue this run (finished, or asked for another configuration); nothing was
+    written. ``python -m tokred`` prints the message alone and exits 2."""
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -67,11 +72,11 @@ def check_resume(cfg: DictConfig, run_dir: Path, fitted: tuple[str, str] | None 
 
     Raises:
         FileNotFoundError: the run has no ``last.pth``.
-        ValueError: ``metrics.json`` exists (the run is finished; the message gives the ``tokred eval``
-            command), or the configurations differ (every key named with both values).
+        ResumeRefused: (a ``ValueError``) ``metrics.json`` exists (the run is finished; the message gives the
+            ``tokred eval`` command), or the configurations differ (every key named with both values).
     """
     if (run_dir / "metrics.json").is_file():
-        raise ValueError(f"run {run_dir} is finished (metrics.json exists): there is nothing to resume. To "
+        raise ResumeRefused(f"run {run_dir} is finished (metrics.json exists): there is nothing to resume. To "
                          f"evaluate it again (into a new run folder; this one stays as it is): python -m tokred "
                          f"eval checkpoint={run_dir / 'last.pth'} <the run's model/reducer overrides> "
                          "[eval.*=...]; to train again, drop resume=true")
@@ -95,10 +100,11 @@ def check_resume(cfg: DictConfig, run_dir: Path, fitted: tuple[str, str] | None 
     diff = config_differences(stored, requested)
     if diff:
         lines = "\n".join(f"  {k}: run has {v[0]!r}, requested {v[1]!r}" for k, v in diff.items())
-        raise ValueError(f"resume=true: the requested configuration differs from the one run {run_dir} was "
+        raise ResumeRefused(f"resume=true: the requested configuration differs from the one run {run_dir} was "
                          f"started with ({stored_path}); nothing was written:\n{lines}\nResume with the run's "
                          "own settings (drop these overrides), or start a new run (without resume=true) to train "
-                         f"with them. Keys that may change on resume: {', '.join(RESUME_ALLOWED)}")
+                         f"with them. Keys that may change on resume: "
+                           f"{', '.join(a + '*' if a.endswith('.') else a for a in RESUME_ALLOWED)}")
 
 
 def resume_command(run_dir: Path) -> str:
