@@ -156,6 +156,7 @@ def assemble_metrics(*, model: str, dataset: str, crop_size: Iterable[int], deco
         "tokens_per_block": _get(tokens, "tokens_per_block"),
         "token_reduction": _get(tokens, "token_reduction"),
         "halted_fraction": _get(tokens, "halted_fraction"),
+        "budgets": _get(tokens, "budgets"),
         "speedup": throughput["speedup"] if paired else None,
         "efficiency": throughput["efficiency"] if paired else None,
         "model": model,

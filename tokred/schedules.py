@@ -23,7 +23,7 @@ from fractions import Fraction
 from typing import Any, ClassVar
 
 __all__ = ["as_schedule", "Schedule", "Constant", "Linear", "Explicit", "KeepRatio", "Warmup", "build_schedule",
-           "SCHEDULES"]
+           "SCHEDULES", "per_image_budgets"]
 
 
 class Schedule:
@@ -52,6 +52,16 @@ class Schedule:
     def config(self) -> dict[str, Any]:
         """Plain-dict description recorded in results."""
         return {"kind": self.kind, **self.__dict__}
+
+    def budgets_for(self, depth: int, num_tokens: int, progress: float = 1.0,
+                    active: Sequence[int] | None = None) -> list[int]:
+        """``budgets`` for a reducer that acts only after the 0-based blocks ``active`` (None: every block).
+
+        Schedules whose budgets are set per block (constant, linear, explicit) are unchanged; a keep ratio is
+        spread over the active blocks (``KeepRatio``), so the ratio the reducer is given is the ratio it keeps.
+        Plugin schedules inherit this default and need not know about it.
+        """
+        return self.budgets(depth, num_tokens, progress)
 
 
 def _check_r(r: float, what: str = "r") -> None:
@@ -148,6 +158,21 @@ class KeepRatio(Schedule):
             out = [base + (1 if i < extra else 0) for i in range(nb)]
         return out + [0] * (depth - nb)
 
+    def budgets_for(self, depth: int, num_tokens: int, progress: float = 1.0,
+                    active: Sequence[int] | None = None) -> list[int]:
+        """Without ``blocks``, the removal goes to the blocks the reducer acts on (``active``), not to
+        blocks where it does nothing: ``keep_ratio`` of ``num_tokens`` remain after the last active block."""
+        if self.blocks is not None or active is None:
+            return self.budgets(depth, num_tokens, progress)
+        act = sorted({int(b) for b in active if 0 <= int(b) < depth})
+        if not act:
+            return [0] * depth
+        spread = KeepRatio(self.keep_ratio, self.per_block, len(act)).budgets(len(act), num_tokens, progress)
+        out = [0] * depth
+        for b, v in zip(act, spread):
+            out[b] = v
+        return out
+
     def _kept(self, n: int) -> int:
         """``max(1, ceil(n * keep_ratio))`` with keep_ratio read as the decimal it was written as.
 
@@ -170,8 +195,15 @@ class Warmup(Schedule):
 
     def budgets(self, depth: int, num_tokens: int, progress: float = 1.0) -> list[int]:
         full = self.inner.budgets(depth, num_tokens, progress)
-        scale = 1.0 if self.fraction == 0 else min(1.0, max(0.0, progress) / self.fraction)
-        return [int(round(v * scale)) for v in full]
+        return [int(round(v * self._scale(progress))) for v in full]
+
+    def budgets_for(self, depth: int, num_tokens: int, progress: float = 1.0,
+                    active: Sequence[int] | None = None) -> list[int]:
+        full = self.inner.budgets_for(depth, num_tokens, progress, active)
+        return [int(round(v * self._scale(progress))) for v in full]
+
+    def _scale(self, progress: float) -> float:
+        return 1.0 if self.fraction == 0 else min(1.0, max(0.0, progress) / self.fraction)
 
     def config(self) -> dict[str, Any]:
         return {"kind": "warmup", "fraction": self.fraction, "inner": self.inner.config()}
@@ -242,3 +274,22 @@ def as_schedule(schedule: Schedule | Mapping[str, Any] | None, r: int, owner: st
         return build_schedule(**spec)
     raise ValueError(f"{owner} schedule must be a Schedule, a mapping (e.g. {{'kind': 'linear'}}) or None, "
                      f"got {type(schedule).__name__}")
+
+
+def per_image_budgets(schedule: Schedule, depth: int, counts: Any, progress: float = 1.0,
+                      active: Sequence[int] | None = None) -> Any:
+    """Budgets of every image from its own token count: ``[B, depth]`` (long) for ``counts`` ``[B]``.
+
+    Row ``b`` is ``schedule.budgets_for(depth, counts[b], progress, active)``; each distinct count is computed
+    once. A batch therefore gets the budgets its images get one by one, whatever the other images hold
+    (a keep ratio of an image with 40 tokens is not taken of the batch's largest image).
+
+    Args:
+        counts: ``[B]`` tokens (patch tokens, prefix excluded) each image brings to the reducer's first block.
+        active: 0-based blocks the reducer acts after (``Schedule.budgets_for``).
+    """
+    import torch
+
+    values = counts.tolist()
+    rows = {n: schedule.budgets_for(depth, int(n), progress, active) for n in set(values)}
+    return torch.tensor([rows[n] for n in values], dtype=torch.long, device=counts.device).reshape(len(values), depth)

@@ -37,6 +37,7 @@ from tokred.state import TokenState
 __all__ = ["TokenAccounting"]
 
 _EXIT_KEY = re.compile(r"^banked_after_block_(-?\d+)$")
+_BUDGET_KEY = re.compile(r"^(merger|pruner)_r(_requested)?_(\d+)$")  # tokred.reducers.base.record_budget
 _QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
@@ -124,7 +125,9 @@ class TokenAccounting:
             ``token_reduction``; ``halted_fraction``; ``halted_patch_fraction``; ``banked_after_block``
             (``{block index (0-based, str): {"mean": tokens per image, "fraction": of tokens entered}}``);
             ``halted_stats`` (``{"halted_*" stat: mean per image}``); ``other_stats`` (any other stat: mean per
-            image); ``tokens_first_block`` (per-image distribution of tokens entering block 0: ``mean``,
+            image); ``budgets`` (``{slot: {block (0-based, str): {"requested", "effective"}}}``: the mean ``r``
+            per image the merger/pruner's schedule asked for and the ``r`` it removed after clipping);
+            ``tokens_first_block`` (per-image distribution of tokens entering block 0: ``mean``,
             ``quantiles`` ``{q: value}``, ``histogram`` ``{"bin_edges", "counts"}``).
 
         Raises:
@@ -146,9 +149,17 @@ class TokenAccounting:
             if m := _EXIT_KEY.match(k):
                 exits[m[1]] = {"mean": v / n, "fraction": v / entered if entered else 0.0}
         halted = {k: v / n for k, v in sorted(self._stats.items()) if k.startswith("halted_")}
-        known = {"banked", "banked_patches"}
+        known = {"banked", "banked_patches", "pruner_tokens_in"}
+        budgets: dict[str, dict[str, dict[str, float]]] = {}
+        for k, v in self._stats.items():
+            if m := _BUDGET_KEY.match(k):
+                row = budgets.setdefault(m[1], {}).setdefault(m[3], {})
+                row["requested" if m[2] else "effective"] = v / n
+        budgets = {slot: dict(sorted(rows.items(), key=lambda kv: int(kv[0])))
+                   for slot, rows in sorted(budgets.items())}
         other = {k: v / n for k, v in sorted(self._stats.items())
-                 if k not in known and not k.startswith("halted_") and not _EXIT_KEY.match(k)}
+                 if k not in known and not k.startswith("halted_") and not _EXIT_KEY.match(k)
+                 and not _BUDGET_KEY.match(k)}
         windows = sum(self._windows.values())
         return {
             "num_images": n,
@@ -164,6 +175,7 @@ class TokenAccounting:
             "banked_after_block": dict(sorted(exits.items(), key=lambda kv: int(kv[0]))),
             "halted_stats": halted,
             "other_stats": other,
+            "budgets": budgets,
             "tokens_first_block": self._distribution(per_image[:, 0]),
         }
 

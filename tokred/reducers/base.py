@@ -47,6 +47,7 @@ lists of reducer names elsewhere. Every one has a default here; a plugin overrid
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -58,7 +59,9 @@ from tokred.state import TokenState
 if TYPE_CHECKING:
     from tokred.encoder import EmbedContext
 
-__all__ = ["BackboneInfo", "Reducer", "Merger", "Pruner"]
+__all__ = ["BackboneInfo", "Reducer", "Merger", "Pruner", "record_budget"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,3 +208,29 @@ class Pruner(Reducer):
 
     kind: ClassVar[str] = "pruner"
 
+
+
+def record_budget(state: TokenState, reducer: Reducer, slot: str, block: int, requested: Tensor,
+                  removed: Tensor) -> TokenState:
+    """Records a budgeted reducer's per-image budget at ``block`` and warns once when it was not honoured.
+
+    Adds the per-image stats ``<slot>_r_requested_<block>`` and ``<slot>_r_<block>`` (``TokenAccounting``
+    reports them as ``budgets``: the mean requested and effective ``r`` per block in metrics.json). The
+    first time an image gets fewer tokens removed than requested (ToMe's half-the-tokens cap, a pruner's
+    last live token), one warning names the reducer, the block and both counts.
+
+    Args:
+        slot: ``"merger"`` or ``"pruner"`` (the config group, so both reducers of a model can be told apart).
+        requested / removed: ``[B]`` (long) tokens the schedule asked for and tokens actually removed.
+    """
+    state = state.add_stat(f"{slot}_r_requested_{block}", requested).add_stat(f"{slot}_r_{block}", removed)
+    if not getattr(reducer, "_budget_warned", False):
+        short = requested - removed
+        if bool((short > 0).any()):
+            b = int(short.argmax())
+            log.warning("%s: the requested budget cannot be honoured: at block %d an image asked for %d tokens "
+                        "removed but %d could be (the reducer's cap); metrics.json records the requested and the "
+                        "effective r per block (tokens_detail.budgets). Logged once.", type(reducer).__name__, block,
+                        int(requested[b]), int(removed[b]))
+            object.__setattr__(reducer, "_budget_warned", True)
+    return state

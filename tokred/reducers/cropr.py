@@ -30,9 +30,11 @@ One Cropr module sits after each chosen block (by default every block except the
 
 Documented choices where the paper or its code leaves room:
 
-* Budgets come from ``schedule.budgets(depth, N0, progress)`` indexed by BLOCK: the module after block ``i``
-  removes ``budgets[i]`` tokens; budgets of blocks without a module are unused. With the default constant
-  schedule every module removes ``r``.
+* Budgets come from ``schedule.budgets_for(depth, n_b, progress, blocks)`` indexed by BLOCK, per image from
+  the live patch tokens ``n_b`` it brings to the first module (``ScoredPruner.budget``): the module after
+  block ``i`` removes ``budgets[i]`` tokens. A keep ratio is spread over the blocks that have a module
+  (``0 .. depth - 3`` by default), so ``keep_ratio=0.5`` keeps half of each image's tokens. With the default
+  constant schedule every module removes ``r``. Requested and removed counts per block are recorded.
 * Too large a budget: ``setup`` raises ``ValueError`` when, at the training grid (``info.grid_size``) and the
   full budget (progress 1), no patch token would remain after some module. At forward time (other image
   sizes, sliding windows, tokens already merged) each image's budget is CLIPPED to its own live count minus

@@ -6,9 +6,11 @@ the score is shared here: resolving the pruning blocks, the budget checks, prote
 padding, the per-image top-k (``select_topk``), banking (``TokenState.split``) and the optional last-layer
 fusion (Cropr Sec. 3.4). A subclass supplies ``score(block, x, state) -> [B, N]`` and its own parameters.
 
-Budgets are per image: image ``b`` removes ``min(r_block, live_b - 1)`` tokens, so at least one patch token
-of every image stays live and an image's choice never depends on the other images of the batch (a batch of
-images with different live counts, e.g. after dCTS, equals its images run one by one).
+Budgets are per image (``ScoredPruner.budget``): image ``b``'s schedule is evaluated at its own token count
+(a keep ratio of its own tokens, spread over the pruning blocks), and it removes ``min(r_b, live_b - 1)``
+tokens, so at least one patch token of every image stays live and an image's choice never depends on the
+other images of the batch (a batch of images with different live counts, e.g. after dCTS, equals its images
+run one by one). Requested and removed counts are recorded per block (``record_budget``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tokred.reducers.base import BackboneInfo, Pruner
-from tokred.schedules import Schedule, as_schedule
+from tokred.reducers.base import BackboneInfo, Pruner, record_budget
+from tokred.schedules import Schedule, as_schedule, per_image_budgets
 from tokred.state import TokenState
 
 __all__ = ["ScoredPruner", "select_topk"]
 
 log = logging.getLogger(__name__)
+
+_TOKENS_IN = "pruner_tokens_in"  # per-image stat: live patch tokens at the first pruning block
 
 
 @torch.no_grad()
@@ -119,7 +123,7 @@ class ScoredPruner(Pruner):
         blocks = list(range(max(depth - 2, 0))) if self.blocks_config is None else list(self.blocks_config)
         self._check_blocks(blocks, depth)
         n0 = info.grid_size[0] * info.grid_size[1]
-        budgets = self.schedule.budgets(depth, n0, 1.0)
+        budgets = self.schedule.budgets_for(depth, n0, 1.0, blocks)
         n = n0
         for j, b in enumerate(blocks):
             n -= budgets[b] + (self.first_extra if j == 0 else 0)
@@ -153,8 +157,16 @@ class ScoredPruner(Pruner):
 
     # ------------------------------------------------------------------ budgets and hooks
     def num_drop(self, block: int, state: TokenState) -> Tensor:
-        """``[B]`` (long) tokens removed per image after ``block``: the schedule's budget (plus ``first_extra``
-        at the first pruning block) clipped to leave every image at least one live patch token.
+        """``[B]`` (long) tokens removed per image after ``block`` (see :meth:`budget`)."""
+        return self.budget(block, state)[1]
+
+    def budget(self, block: int, state: TokenState) -> tuple[Tensor, Tensor]:
+        """``(requested [B], removed [B])`` (long) after ``block``, per image from its own token count.
+
+        Image ``b``'s budgets come from ``schedule.budgets_for(depth, n_b, progress, blocks)`` with ``n_b``
+        the live patch tokens it brought to the first pruning block (so a keep ratio is of the image's own
+        tokens and is spread over the pruning blocks only), plus ``first_extra`` at the first pruning block;
+        the removal is clipped to leave the image at least one live patch token.
 
         Raises:
             RuntimeError: ``setup`` has not been called.
@@ -162,12 +174,14 @@ class ScoredPruner(Pruner):
         if self.info is None:
             raise RuntimeError(f"{type(self).__name__}.setup(info) must be called before the forward "
                                "(build_segmenter does it)")
-        r = self.schedule.budgets(self.info.depth, state.num_patches, self.progress)[block]
-        if self.blocks and block == self.blocks[0]:
-            r += self.first_extra
         live = state.live_patch_tokens()  # [B]
-        return torch.minimum(torch.full_like(live, r), live - 1).clamp_min(0)
-
+        first = not self.blocks or block == self.blocks[0]
+        counts = live if first or _TOKENS_IN not in state.stats else state.stats[_TOKENS_IN]
+        requested = per_image_budgets(self.schedule, self.info.depth, counts, self.progress,
+                                      self.blocks or None)[:, block]
+        if self.blocks and block == self.blocks[0]:
+            requested = requested + self.first_extra
+        return requested, torch.minimum(requested, live - 1).clamp_min(0)
     def on_block_start(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         """Last-layer fusion: before the final block every banked token rejoins the live set (Cropr Sec. 3.4)."""
         if self.last_layer_fusion and self.info is not None and block == self.info.depth - 1:
@@ -187,7 +201,10 @@ class ScoredPruner(Pruner):
         """
         if block not in self.blocks:
             return x, state
-        drop = self.num_drop(block, state)  # [B]
+        if block == self.blocks[0]:
+            state = state.add_stat(_TOKENS_IN, state.live_patch_tokens())
+        requested, drop = self.budget(block, state)  # [B], [B]
+        state = record_budget(state, self, "pruner", block, requested, drop)
         if int(drop.max()) <= 0:
             return x, state
         with torch.no_grad():

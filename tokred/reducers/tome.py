@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokred.reducers.base import BackboneInfo, Merger
-from tokred.schedules import Constant, Explicit, Linear, Schedule, Warmup, as_schedule
+from tokred.reducers.base import BackboneInfo, Merger, record_budget
+from tokred.schedules import Constant, Explicit, Linear, Schedule, Warmup, as_schedule, per_image_budgets
 from tokred.state import TokenState
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _identity(batch: int, n: int, device: torch.device) -> MergeAssignment:
 
 
 @torch.no_grad()
-def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, valid: Tensor | None = None,
+def bipartite_soft_matching(metric: Tensor, r: int | Tensor, num_protected: int = 0, valid: Tensor | None = None,
                             partition: str = "patches") -> MergeAssignment:
     """Bipartite soft matching of ToMe (Bolya et al., ICLR 2023, Sec. 3 "Token Merging", Fig. 1).
 
@@ -84,7 +84,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, vali
 
     Args:
         metric: ``[B, N, D]`` per-token matching features (ToMe: attention keys averaged over heads).
-        r: tokens to merge away per image (ToMe's ``r``), clipped as above.
+        r: tokens to merge away per image (ToMe's ``r``): an int for every image, or ``[B]`` (long) one per
+            image; clipped as above.
         num_protected: ``P``, leading tokens never merged.
         valid: ``[B, N]`` (bool) False for padding slots, or None when every slot is valid.
         partition: ``"patches"`` or ``"reference"`` (see steps 2 and the output order).
@@ -97,7 +98,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, vali
     """
     B, N, _ = metric.shape
     P = int(num_protected)
-    if r < 0:
+    r_img = torch.as_tensor(r, dtype=torch.long, device=metric.device).expand(B)  # [B]
+    r_hi = int(r_img.max()) if B else 0
+    if B and int(r_img.min()) < 0:
         raise ValueError(f"r must be >= 0 (tokens merged away), got {r}")
     if not 0 <= P <= N:
         raise ValueError(f"num_protected must be in [0, N={N}], got {num_protected}")
@@ -109,23 +112,21 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0, vali
     idx_b = torch.arange(start + 1, N, 2, device=device)  # [nB]
     n_a = idx_a.numel()
     open_a, open_b = idx_a >= P, idx_b >= P  # prefix tokens take no part
-    if r == 0 or not bool(open_b.any()):
+    if r_hi == 0 or not bool(open_b.any()):
         return _identity(B, N, device)
     m = F.normalize(metric.float(), dim=-1)  # [B, N, D]
     scores = m[:, idx_a] @ m[:, idx_b].transpose(1, 2)  # [B, nA, nB] cosine similarity A x B
     if valid is None:
         ok_a, ok_b = open_a.expand(B, -1), open_b.expand(B, -1)
-        r_const = min(int(r), int(open_a.sum()), int(open_b.sum()))
-        num_merged = torch.full((B,), r_const, dtype=torch.long, device=device)
-        r_min = r_max = r_const
+        num_merged = r_img.clamp(max=min(int(open_a.sum()), int(open_b.sum())))  # [B]
         valid_full = torch.ones(B, N, dtype=torch.bool, device=device)
     else:
         ok_a, ok_b = valid[:, idx_a] & open_a, valid[:, idx_b] & open_b  # [B, nA], [B, nB]
-        num_merged = torch.minimum(ok_a.sum(1), ok_b.sum(1)).clamp(max=int(r))  # [B]
-        r_min, r_max = torch.stack([num_merged.min(), num_merged.max()]).tolist()
+        num_merged = torch.minimum(torch.minimum(ok_a.sum(1), ok_b.sum(1)), r_img)  # [B]
         valid_full = valid
-        if r_max == 0:
-            return _identity(B, N, device)
+    r_min, r_max = torch.stack([num_merged.min(), num_merged.max()]).tolist()
+    if r_max == 0:
+        return _identity(B, N, device)
     scores = scores.masked_fill(~ok_b[:, None, :], float("-inf"))
     scores = scores.masked_fill(~ok_a[:, :, None], float("-inf"))
     best, partner = scores.max(dim=-1)  # [B, nA] best similarity, index of the best B token
@@ -193,9 +194,12 @@ class ToMe(Merger):
           merge nor receive merges, and each image clips its own ``r`` (so a batch equals its singles).
 
     Documented choices:
-        * Schedules that depend on the token count (``keep_ratio``) see the valid patch tokens entering
-          block 0, the maximum over the batch when images differ (this reads the count back from the
-          device once per block; constant, linear and explicit schedules need no read-back).
+        * Schedules that depend on the token count (``keep_ratio``) see each image's own valid patch tokens
+          entering block 0 (``tokred.schedules.per_image_budgets``), so a batch equals its images one by one;
+          this reads the counts back from the device once per block.
+        * The requested and the merged (clipped) ``r`` of every block are recorded per image
+          (``record_budget``: ``tokens_detail.budgets`` in metrics.json), and a budget the model cannot
+          honour (more than half the mergeable tokens) is logged once.
         * Proportional attention (Sec. 3 "Tracking token size") is switched on in ``on_embed``; it adds
           ``log(size)`` per key, 0 while no token is merged. With ``proportional_attention=False`` ToMe
           leaves the state's flag as it found it.
@@ -275,16 +279,18 @@ class ToMe(Merger):
         Returns:
             ``(x' [B, N', C], state)`` with ``N' <= N``.
         """
-        if self._schedule_uses_num_tokens:
-            counts = state.tokens_per_block[0] if state.tokens_per_block else state.live_patch_tokens()
-            num_tokens = int(counts.max())
+        if self.info is None:
+            raise RuntimeError("ToMe.setup(info) must be called before the forward (build_segmenter does it)")
+        counts = state.tokens_per_block[0] if state.tokens_per_block else state.live_patch_tokens()  # [B]
+        if self._schedule_uses_num_tokens:  # each image's budget from its own token count
+            requested = per_image_budgets(self.schedule, self.info.depth, counts, self.progress)[:, block]
         else:
-            num_tokens = state.num_patches  # unused by the schedule
-        r = self.budgets(num_tokens)[block]
-        if r == 0:
+            requested = torch.full_like(counts, self.budgets(state.num_patches)[block])
+        if int(requested.max()) == 0:
             return x, state
-        match = bipartite_soft_matching(keys.mean(1), r, state.num_prefix_tokens, state.valid,
+        match = bipartite_soft_matching(keys.mean(1), requested, state.num_prefix_tokens, state.valid,
                                         self.partition)  # keys.mean(1): [B, N, head_dim]
+        state = record_budget(state, self, "merger", block, requested, match.num_merged)
         if match.max_merged == 0:
             return x, state
         x, state = state.merge(x, match.assign, match.n_out)
