@@ -100,3 +100,27 @@ def test_budget_that_cannot_be_honoured_is_recorded_and_logged_once(caplog):
     assert budgets["0"] == {"requested": 100000.0, "effective": 40.0}  # half of 80 mergeable tokens
     assert budgets["1"]["effective"] == 20.0
     assert "merger_r_0" not in acct.summary()["other_stats"]
+
+
+@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("merger", MERGERS)
+def test_every_pair_packed_layout_equals_padded(merger, pruner, monkeypatch):
+    """Blocks on packed tokens (real tokens only, block-diagonal attention) give the padded layout's outputs;
+    reducers see the same padded tensors either way."""
+    from tokred.encoder import Encoder
+
+    calls = []
+    run = Encoder._packed_block
+    monkeypatch.setattr(Encoder, "_packed_block", lambda self, *a, **k: calls.append(1) or run(self, *a, **k))
+    img, tgt = _inputs()
+    out = {}
+    for layout in ("padded", "packed"):
+        seg = _pair(merger, pruner)
+        seg.encoder.layout = layout
+        with torch.no_grad():
+            out[layout] = seg(img, tgt)
+    assert_close(out["packed"].logits, out["padded"].logits, atol=1e-5, rtol=1e-5)
+    counts = [t.tolist() for t in out["padded"].state.tokens_per_block]
+    assert [t.tolist() for t in out["packed"].state.tokens_per_block] == counts
+    if any(len(set(c)) > 1 for c in counts):  # images held different counts somewhere: packed blocks ran
+        assert calls

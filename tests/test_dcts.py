@@ -24,7 +24,9 @@ from tokred.policy import (
     train_policy,
     window_labels,
 )
+from tokred.policy.network import read_policy_config, resolve_policy_backbone
 from tokred.policy.partition import normalize_thresholds
+from tokred.policy.train import CURVE_THRESHOLDS, calibrated_thresholds
 from tokred.reducers.dcts import CTS, DCTS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "merger"
@@ -334,9 +336,18 @@ def test_policy_training_saves_and_loads(tmp_path):
     for L in (2, 4):
         assert_close(a[L], b[L])
     # the trained policy drives a segmenter
-    seg = _seg(crop=(64, 64), levels=(2, 4), policy_checkpoint=str(path))
+    seg = _seg(crop=(64, 64), levels=(2, 4), policy_checkpoint=str(path), policy_backbone="efficientnet_lite0")
     with torch.no_grad():
         assert seg(image).logits.shape == (1, 5, 64, 64)
+    # the sidecar holds validation precision/recall curves; target_precision calibrates the thresholds on them
+    curves = read_policy_config(path)["metrics"]["pr_curves"]
+    assert set(curves) == {"2", "4"} and [r["tau"] for r in curves["2"]] == list(CURVE_THRESHOLDS)
+    for target in (0.01, 1.0):
+        seg = _seg(crop=(64, 64), levels=(2, 4), policy_checkpoint=str(path), policy_backbone="efficientnet_lite0",
+                   target_precision=target)
+        dcts = seg.encoder.reducers[0]
+        assert dcts.thresholds == calibrated_thresholds(curves, (2, 4), target)
+        assert dcts.extra_config()["target_precision"] == target
 
     # .pth with tensors only, and plain timm weights of the CNN (no sidecar)
     pth = save_policy(net, tmp_path / "policy.pth")
@@ -357,7 +368,8 @@ def test_mismatched_policy_checkpoint_raises(tmp_path):
         DCTS(levels=(2, 4, 8), policy_checkpoint=str(path))
     with pytest.raises(ValueError, match="patch_size"):
         build_segmenter("test_vit", num_classes=3, crop_size=(64, 64), merger="dcts",
-                        merger_kwargs={"levels": (2, 4), "policy_checkpoint": str(path)},
+                        merger_kwargs={"levels": (2, 4), "policy_checkpoint": str(path),
+                                       "policy_backbone": "efficientnet_lite0"},
                         backbone_kwargs={"patch_size": 8})
     with pytest.raises(FileNotFoundError):
         DCTS(levels=(2, 4), policy_checkpoint=str(tmp_path / "missing.safetensors"))
@@ -387,3 +399,22 @@ def test_policy_flops_small_against_vit_large():
     vit_l = depth * (12 * n * d * d + 2 * n * n * d)
     assert policy_1024 < 0.03 * vit_l
     assert policy_1024 < 9e9
+
+
+def test_calibrated_thresholds_pick_the_lowest_tau_reaching_the_precision():
+    rows = [{"tau": 0.1, "precision": 0.5, "recall": 1.0, "accepted": 0.9},
+            {"tau": 0.5, "precision": 0.92, "recall": 0.6, "accepted": 0.4},
+            {"tau": 0.9, "precision": float("nan"), "recall": 0.0, "accepted": 0.0}]
+    curves = {"2": rows, "4": [dict(r, precision=0.3) for r in rows]}
+    assert calibrated_thresholds(curves, (2, 4, 8), 0.9) == {2: 0.5, 4: 1.0, 8: 1.0}  # 4: never; 8: no curve
+    assert calibrated_thresholds(curves, (2,), 0.4) == {2: 0.1}
+    with pytest.raises(ValueError, match="target_precision"):
+        calibrated_thresholds(curves, (2,), 0.0)
+
+
+def test_policy_backbone_auto_is_sized_to_the_vit():
+    assert resolve_policy_backbone("auto", 192) == resolve_policy_backbone("auto", 384) == "mobilenetv3_small_050"
+    assert resolve_policy_backbone("auto", 768) == "efficientnet_lite0"
+    assert resolve_policy_backbone("resnet18", 192) == "resnet18"
+    seg = _seg(crop=(64, 64), levels=(2, 4))  # test_vit, embed_dim 64: the light CNN
+    assert seg.encoder.reducers[0].policy_backbone == "mobilenetv3_small_050"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tokred.config import config_dir
+from tokred.config import config_dir, inference_settings, input_normalization
 from tokred.reproduce import PUBLISHED, format_comparison, identify, main, segmenter_gflops
 from tokred.structured import reducer_kwargs, register_configs, validate
 
@@ -33,6 +33,10 @@ def test_configs_compose(name):
     assert cfg.dataset.name == "ade20k" and cfg.decoder.name == "mask_transformer"
     assert cfg.decoder.kwargs.qkv_bias is True and cfg.checkpoint_format == "auto"
     merger, kwargs = reducer_kwargs(cfg)["merger"]
+    assert cfg.model.normalization == "vit"  # every reproduction names its input mean/std (0.5 / 0.5)
+    assert input_normalization(cfg).mean == (0.5, 0.5, 0.5) and input_normalization(cfg).std == (0.5, 0.5, 0.5)
+    if name.startswith("tome") or name == "seg_l16_ade20k":  # the released ViT-L model: mmseg's 640x640 protocol
+        assert cfg.dataset.protocol == "640x640" and inference_settings(cfg).stride == (608, 608)
     if name.startswith("tome"):
         assert merger == "tome" and cfg.model.name == "vit_large" and list(cfg.dataset.crop_size) == [640, 640]
     if name == "cts_s16_ade20k":

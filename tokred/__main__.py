@@ -12,6 +12,7 @@ Commands:
     list          every registered reducer, backbone, decoder and dataset, and where it comes from
     ablate        the apples-to-apples grid: grid=camvid_cpu (configs/grid/); results/ablations/<protocol>/
     viz           token-fate picture of one image: viz.image=PATH [viz.out=PNG] [checkpoint=PATH]
+    analyze       "where do tokens go" over a split: checkpoint=PATH merger=dcts pruner=early_exit [analyze.out=DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ JOBS: dict[str, str] = {
     "train-policy": "tokred.jobs.policy:train_policy_job",
     "ablate": "tokred.ablations.runner:ablate_job",
     "viz": "tokred.jobs.viz:viz_job",
+    "analyze": "tokred.jobs.analyze:analyze_job",
 }
 
 

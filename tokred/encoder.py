@@ -24,7 +24,10 @@ from tokred.backbones import BackboneAdapter, adapter_for
 from tokred.reducers.base import Reducer
 from tokred.state import TokenState
 
-__all__ = ["EmbedContext", "Encoder", "attention"]
+__all__ = ["EmbedContext", "Encoder", "LAYOUTS", "attention"]
+
+#: Values of ``Encoder(layout=...)`` / ``encoder.layout``.
+LAYOUTS: tuple[str, ...] = ("padded", "packed", "auto")
 
 
 def attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -59,6 +62,13 @@ class Encoder(nn.Module):
         grad_checkpointing: recompute each attention and MLP branch in backward (reducer hooks run outside
             the checkpointed regions, so their state is never recomputed).
         adapter: the ``BackboneAdapter`` subclass to use; default ``tokred.backbones.adapter_for(vit)``.
+        layout: how blocks run when images hold different token counts: ``"padded"`` (every image padded to
+            the batch's largest count, padding masked in attention), ``"packed"`` (the live tokens of all images
+            concatenated, ``tokred.packing``: norms, qkv, projections and MLP on real tokens only, attention
+            block-diagonal per image with the per-key bias kept) or ``"auto"`` (packed when the counts differ
+            and the adapter supports it). Reducers always see padded ``[B, N, C]`` tensors: the encoder packs
+            inside each block and unpacks before every hook, so every reducer works unchanged. Packed is not
+            used in training with active drop path (timm's DropPath would draw per token, not per image).
 
     Raises:
         TypeError: no registered adapter drives the backbone, or its blocks lack the parts the adapter drives.
@@ -67,8 +77,11 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, vit: nn.Module, reducers: Sequence[Reducer] = (), grad_checkpointing: bool = False,
-                 adapter: type[BackboneAdapter] | None = None) -> None:
+                 adapter: type[BackboneAdapter] | None = None, layout: str = "auto") -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"encoder layout {layout!r} is not one of {LAYOUTS}")
+        self.layout = layout
         if sum(r.replaces_embedding for r in reducers) > 1:
             raise ValueError("at most one reducer may replace the patch embedding; got "
                              f"{[type(r).__name__ for r in reducers if r.replaces_embedding]}")
@@ -199,6 +212,8 @@ class Encoder(nn.Module):
         attn_hooks = [r for r in reducers if r.uses_attention_hook]
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         cached: tuple[tuple[object, ...], object] | None = None
+        packed = None  # (valid mask it was built from, PackLayout) while the counts stay the same
+        packable = self._packable()
         for i, blk in enumerate(adapter.blocks):
             for r in reducers:
                 x, state = r.on_block_start(i, x, state)
@@ -208,14 +223,18 @@ class Encoder(nn.Module):
             if cached is None or len(key) != len(cached[0]) or any(a is not b for a, b in zip(key, cached[0])):
                 cached = (key, adapter.attention_inputs(state))
             extra = cached[1]
-            if use_ckpt:
-                a, keys = checkpoint(adapter.attention, blk, x, bias, extra, use_reentrant=False)
+            packed = self._pack_layout(state, packed) if packable else None
+            if packed is not None:
+                x, state = self._packed_block(i, blk, x, state, packed, bias, extra, attn_hooks, use_ckpt)
             else:
-                a, keys = adapter.attention(blk, x, bias, extra)
-            x = x + a
-            for r in attn_hooks:
-                x, state = r.on_attention(i, x, state, keys)
-            x = x + (checkpoint(adapter.mlp, blk, x, use_reentrant=False) if use_ckpt else adapter.mlp(blk, x))
+                if use_ckpt:
+                    a, keys = checkpoint(adapter.attention, blk, x, bias, extra, use_reentrant=False)
+                else:
+                    a, keys = adapter.attention(blk, x, bias, extra)
+                x = x + a
+                for r in attn_hooks:
+                    x, state = r.on_attention(i, x, state, keys)
+                x = x + (checkpoint(adapter.mlp, blk, x, use_reentrant=False) if use_ckpt else adapter.mlp(blk, x))
             if i in tap_set:
                 state = state.add_tap(i, state.restore(x))
             for r in reducers:
@@ -224,6 +243,58 @@ class Encoder(nn.Module):
         for r in reducers:
             x, state = r.on_final(x, state)
         return x, state
+
+    # ------------------------------------------------------------------ packed layout
+    def _packable(self) -> bool:
+        """Whether this forward may run blocks packed (layout, adapter support, no active drop path)."""
+        if self.layout == "padded" or not self.adapter.supports_packed:
+            return False
+        # DropPath on [T, C] would draw per token instead of per image
+        return not (self.training and any(getattr(m, "drop_prob", 0.0) > 0 for m in self.vit.modules()))
+
+    def _pack_layout(self, state: TokenState, last: tuple[Tensor, object] | None) -> tuple[Tensor, object] | None:
+        """``(valid, PackLayout)`` when this block runs packed, else None; reused while ``state.valid`` is the
+        same tensor (the layout changes only when a reducer changes the counts)."""
+        if state.valid is None:
+            return None
+        if last is not None and last[0] is state.valid:
+            return last
+        if self.layout == "auto" and bool(state.valid.all()):
+            return None
+        from tokred.packing import layout_from_valid
+
+        return state.valid, layout_from_valid(state.valid)
+
+    def _packed_block(self, i: int, blk: nn.Module, x: Tensor, state: TokenState, packed: tuple[Tensor, object],
+                      bias: Tensor | None, extra: object, attn_hooks: list[Reducer],
+                      use_ckpt: bool) -> tuple[Tensor, TokenState]:
+        """One block on packed tokens: ``x [B, N, C]`` is packed to ``[T, C]``, unpacked (padding slots 0)
+        for the attention hooks and at the end, so reducers see the padded layout."""
+        from tokred.packing import Packed, pack_key_bias, pack_tensor, unpack
+
+        adapter, layout = self.adapter, packed[1]
+        B, N, C = x.shape
+        xt = pack_tensor(x, layout)  # [T, C]
+        bt = None if bias is None else pack_key_bias(bias, layout)  # [T]
+        if use_ckpt:
+            a, kt = checkpoint(adapter.packed_attention, blk, xt, layout, bt, extra, use_reentrant=False)
+        else:
+            a, kt = adapter.packed_attention(blk, xt, layout, bt, extra)
+        xt = xt + a
+        if attn_hooks:
+            x = unpack(Packed(xt, layout), N)[0]
+            h, hd = kt.shape[1], kt.shape[2]
+            keys = unpack(Packed(kt.reshape(-1, h * hd), layout), N)[0].view(B, N, h, hd).transpose(1, 2)
+            for r in attn_hooks:
+                x, state = r.on_attention(i, x, state, keys)
+            repacked = self._pack_layout(state, packed)
+            if repacked is None:  # the hooks evened the counts out: finish the block padded
+                return x + (checkpoint(adapter.mlp, blk, x, use_reentrant=False) if use_ckpt
+                            else adapter.mlp(blk, x)), state
+            layout = repacked[1]
+            xt = pack_tensor(x, layout)
+        xt = xt + (checkpoint(adapter.mlp, blk, xt, use_reentrant=False) if use_ckpt else adapter.mlp(blk, xt))
+        return unpack(Packed(xt, layout), x.shape[1])[0], state
 
     def final_norm(self, x: Tensor) -> Tensor:
         """The backbone's final norm, for banked features that left before it."""

@@ -157,6 +157,7 @@ def assemble_metrics(*, model: str, dataset: str, crop_size: Iterable[int], deco
         "token_reduction": _get(tokens, "token_reduction"),
         "halted_fraction": _get(tokens, "halted_fraction"),
         "budgets": _get(tokens, "budgets"),
+        "token_block_fraction": _get(tokens, "token_block_fraction"),
         "speedup": throughput["speedup"] if paired else None,
         "efficiency": throughput["efficiency"] if paired else None,
         "model": model,

@@ -209,6 +209,8 @@ class ModelConfig:
         drop_path_rate: stochastic depth rate.
         checkpoint: local timm or tokred checkpoint file (.safetensors / .pth / .npz), or null.
         pretrained: a timm pretrained tag (e.g. ``vit_small_patch16_384.augreg_in21k_ft_in1k``) or null.
+        normalization: input mean/std: ``auto`` (follow the weights) | ``imagenet`` | ``vit`` (0.5 / 0.5) |
+            ``{mean: [...], std: [...]}`` (``tokred.config.input_normalization``).
         backbone_kwargs: extra ``timm.create_model`` kwargs.
     """
 
@@ -220,6 +222,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     checkpoint: Optional[str] = None
     pretrained: Optional[str] = None
+    normalization: Any = "auto"
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 

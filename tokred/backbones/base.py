@@ -165,6 +165,17 @@ class BackboneAdapter:
         """One block's MLP branch ``[B, N, C]`` -> ``[B, N, C]`` (without the residual)."""
         raise NotImplementedError(f"{type(self).__name__} must implement mlp()")
 
+    # ------------------------------------------------------------------ packed layout (optional)
+    #: True when ``packed_attention`` is implemented: the encoder may then run blocks on packed tokens.
+    supports_packed: bool = False
+
+    def packed_attention(self, block: nn.Module, x: Tensor, layout: Any, bias: Tensor | None,
+                         extra: Any) -> tuple[Tensor, Tensor]:
+        """``attention`` on packed tokens (``tokred.packing``): ``x [T, C]`` -> ``([T, C] branch output,
+        [T, num_heads, head_dim] keys)``, attention block-diagonal per image with the per-key ``bias [T]``.
+        The MLP branch runs through ``mlp`` unchanged (it acts per token)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run packed batches (supports_packed=False)")
+
     def reference_forward(self, image: Tensor) -> Tensor:
         """The backbone's own ``forward_features`` ``[B, 3, H, W]`` -> ``[B, P + N0, C]`` (tests, benchmarks)."""
         return self.model.forward_features(image)

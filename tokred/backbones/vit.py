@@ -76,3 +76,12 @@ class VisionTransformerAdapter(BackboneAdapter):
 
     def mlp(self, block: nn.Module, x: Tensor) -> Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    supports_packed = True
+
+    def packed_attention(self, block: nn.Module, x: Tensor, layout: Any, bias: Tensor | None,
+                         extra: Any) -> tuple[Tensor, Tensor]:
+        from tokred.packing import packed_vit_attention
+
+        out, k = packed_vit_attention(block.attn, block.norm1(x), layout, bias)
+        return block.drop_path1(block.ls1(out)), k

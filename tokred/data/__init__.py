@@ -1,9 +1,10 @@
 """Data layer of tokred: data set specs and registry, loaders, joint image/label transforms, eval collate.
 
-Every data set item is ``(image, label)``: image float32 [3, H, W] normalised with the spec's mean/std
-(ImageNet); label int64 [H, W] of train ids with 255 = ignore. In eval mode the label keeps its original
-resolution (see :func:`build_dataset`). A data set is one :class:`DatasetSpec` registered in
-``tokred.plugins.DATASETS`` (``tokred/data/camvid.py``, ``ade20k.py``, ``cityscapes.py``).
+Every data set item is ``(image, label)``: image float32 [3, H, W] normalised with the mean/std the weights
+need (``normalization=``, :mod:`tokred.data.normalization`; the spec's ImageNet statistics by default); label
+int64 [H, W] of train ids with 255 = ignore. In eval mode the label keeps its original resolution (see
+:func:`build_dataset`). A data set is one :class:`DatasetSpec` registered in ``tokred.plugins.DATASETS``
+(``tokred/data/camvid.py``, ``ade20k.py``, ``cityscapes.py``).
 
 Names are imported on first access, so looking up a spec (``tokred.plugins.DATASETS.get("camvid")``,
 ``tokred.data.spec``) does not import torch; the loaders do.
@@ -22,6 +23,7 @@ _EXPORTS = {
     "dataset_names": "info", "get_spec": "info",
     "IGNORE_INDEX": "spec", "IMAGENET_MEAN": "spec", "IMAGENET_STD": "spec", "DatasetSpec": "spec",
     "TestPipeline": "spec",
+    "Normalization": "normalization", "parse_normalization": "normalization",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

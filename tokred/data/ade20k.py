@@ -1,8 +1,13 @@
 """ADE20K in the SceneParsing / ADEChallengeData2016 layout, 150 classes (Zhou et al., CVPR 2017).
 
-Test pipeline as mmsegmentation's Segmenter ADE20K configs: resize keeping the aspect ratio so the short side is
-512 px and the long side at most 2048 px (``Resize(scale=(2048, 512), keep_ratio=True)``), then sliding windows
-of 512x512 px every 480 px.
+Test pipelines as mmsegmentation's Segmenter ADE20K configs (``dataset.protocol=``):
+
+* ``512x512`` (the default; ``segmenter_vit-*_8xb*-160k_ade20k-512x512``): resize keeping the aspect ratio so the
+  short side is 512 px and the long side at most 2048 px (``Resize(scale=(2048, 512), keep_ratio=True)``), then
+  sliding windows of 512x512 px every 480 px;
+* ``640x640`` (``segmenter_vit-l_mask_8xb1-160k_ade20k-640x640``, the resolution of the Segmenter authors'
+  released ViT-L/16 ADE20K model): short side 640 px, long side at most 2560 px
+  (``Resize(scale=(2560, 640), keep_ratio=True)``), windows of 640x640 px every 608 px.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from pathlib import Path
 from tokred.data.spec import (DatasetSpec, TestPipeline, check_split, lut_from_mapping, pair_with_labels,
                               require_dir)
 
-__all__ = ["ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "ade20k_files", "ade20k_lut"]
+__all__ = ["ADE20K", "ADE20K_512", "ADE20K_640", "ADE20K_CLASSES", "ADE20K_PALETTE", "ade20k_files", "ade20k_lut"]
 
 # SceneParsing class order (stored value k+1 -> train id k), short names.
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -86,10 +91,13 @@ def ade20k_files(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pair_with_labels(images, lambda image: label_dir / f"{image.stem}.png", LAYOUT)
 
 
+#: The two test protocols (``dataset.protocol=512x512 | 640x640``).
+ADE20K_512 = TestPipeline(resize="keep_ratio", scale=(512, 2048), mode="slide", crop=(512, 512), stride=(480, 480))
+ADE20K_640 = TestPipeline(resize="keep_ratio", scale=(640, 2560), mode="slide", crop=(640, 640), stride=(608, 608))
+
 ADE20K = DatasetSpec(
     name="ade20k", num_classes=150, class_names=ADE20K_CLASSES, palette=ADE20K_PALETTE, layout=LAYOUT,
     files=ade20k_files, splits=("train", "val"), eval_split="val",
     lut=lut_from_mapping({i + 1: i for i in range(150)}, ignored=(0,)),
-    test_pipeline=TestPipeline(resize="keep_ratio", scale=(512, 2048), mode="slide", crop=(512, 512),
-                               stride=(480, 480)),
+    test_pipeline=ADE20K_512, protocols={"512x512": ADE20K_512, "640x640": ADE20K_640},
     citation="Zhou et al., Scene Parsing through ADE20K Dataset, CVPR 2017")

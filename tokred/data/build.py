@@ -15,6 +15,7 @@ from torch import Tensor
 
 from tokred.data.datasets import SegmentationDataset
 from tokred.data.info import get_spec
+from tokred.data.normalization import Normalization
 
 __all__ = ["TEST_PIPELINES", "InferenceSettings", "build_dataset", "default_sample_root", "eval_collate",
            "eval_inference"]
@@ -54,10 +55,12 @@ def build_dataset(
     photometric: bool = True,
     max_items: int | None = None,
     test_pipeline: str = "crop",
+    protocol: str | None = None,
+    normalization: Normalization | None = None,
 ) -> SegmentationDataset:
     """Builds a segmentation data set.
 
-    Items are ``(image, label)`` with image float32 [3, H, W] (normalised with the spec's mean/std) and label
+    Items are ``(image, label)`` with image float32 [3, H, W] (normalised with ``normalization``) and label
     int64 [H, W] (train ids, 255 = ignore). With ``train=True`` both are randomly rescaled, cropped to
     ``crop_size`` (padding: image 0, label 255) and flipped together, and the image is colour-jittered. With
     ``train=False`` the image is resized (bilinear) to ``crop_size`` (kept at its size if ``crop_size`` is
@@ -80,18 +83,24 @@ def build_dataset(
         max_items: keep only the first ``max_items`` pairs (in list/sorted order); None = all.
         test_pipeline: eval only: ``"crop"`` (resize to ``crop_size``) or ``"protocol"`` (the spec's
             ``test_pipeline`` resize rule).
+        protocol: with ``test_pipeline="protocol"``: a named variant of the spec's protocols
+            (``dataset.protocol``, e.g. ADE20K ``640x640``); None = the default one.
+        normalization: the mean/std the model's weights need (:class:`~tokred.data.normalization.Normalization`,
+            ``tokred.config.input_normalization`` for a config); None = the spec's ``mean``/``std`` (ImageNet).
 
     Returns:
         A :class:`SegmentationDataset` with ``.info`` (the spec) and ``.files``.
 
     Raises:
-        ValueError: unknown name (lists the registered ones), unknown split or test pipeline, ``root`` None for a
+        ValueError: unknown name (lists the registered ones), unknown split, test pipeline or protocol variant
+            (lists the valid ones), ``root`` None for a
             data set that needs one, bad sizes, or ``max_items`` < 1.
         FileNotFoundError: missing root, wrong layout or a listed file missing (names the path and the
             expected layout).
     """
     spec = get_spec(name)
     _check_pipeline(test_pipeline)
+    pipeline = spec.protocol(protocol)
     if root is None:
         if spec.default_root is None:
             raise ValueError(
@@ -106,12 +115,13 @@ def build_dataset(
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
         files = files[:max_items]
-    logger.info("dataset %s/%s from %s: %d items (train=%s, test_pipeline=%s)", spec.name, split, root_path,
-                len(files), train, test_pipeline)
+    mean, std = (spec.mean, spec.std) if normalization is None else (normalization.mean, normalization.std)
+    logger.info("dataset %s/%s from %s: %d items (train=%s, test_pipeline=%s%s, mean=%s, std=%s)", spec.name,
+                split, root_path, len(files), train, test_pipeline, f" {protocol}" if protocol else "", mean, std)
     return SegmentationDataset(
         files, spec, spec.lut_array(), train=train, crop_size=crop_size, scale_range=scale_range,
         base_size=base_size, hflip=hflip, photometric=photometric,
-        test_pipeline=spec.test_pipeline if (not train and test_pipeline == "protocol") else None,
+        test_pipeline=pipeline if (not train and test_pipeline == "protocol") else None, mean=mean, std=std,
     )
 
 
@@ -150,7 +160,7 @@ class InferenceSettings:
 
 
 def eval_inference(name: str, test_pipeline: str, crop_size: Sequence[int] | None = None, mode: str = "whole",
-                   stride: Sequence[int] | None = None) -> InferenceSettings:
+                   stride: Sequence[int] | None = None, protocol: str | None = None) -> InferenceSettings:
     """The inference settings of an evaluation: the data set's protocol, or ``eval.*`` with ``crop``.
 
     Args:
@@ -160,16 +170,18 @@ def eval_inference(name: str, test_pipeline: str, crop_size: Sequence[int] | Non
         crop_size: ``dataset.crop_size`` (H, W) px.
         mode: ``eval.mode``: ``whole`` | ``slide``.
         stride: ``eval.stride`` (H, W) px or None.
+        protocol: ``dataset.protocol``: a named variant of the spec's protocols (ADE20K ``640x640``); None = the
+            default one. Used with ``"protocol"`` only.
 
     Returns:
         :class:`InferenceSettings` to pass as ``evaluate(..., mode=s.mode, crop=s.crop, stride=s.stride)``.
 
     Raises:
-        ValueError: unknown data set, test pipeline or mode; ``slide`` without a window.
+        ValueError: unknown data set, test pipeline, protocol variant or mode; ``slide`` without a window.
     """
     spec = get_spec(name)
     if _check_pipeline(test_pipeline) == "protocol":
-        p = spec.test_pipeline
+        p = spec.protocol(protocol)
         return InferenceSettings(p.mode, p.crop, p.stride)
     if mode not in ("whole", "slide"):
         raise ValueError(f"eval.mode must be 'whole' or 'slide', got {mode!r}")

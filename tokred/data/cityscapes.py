@@ -11,7 +11,8 @@ from pathlib import Path
 from tokred.data.spec import (DatasetSpec, TestPipeline, check_split, lut_from_mapping, pair_with_labels,
                               require_dir)
 
-__all__ = ["CITYSCAPES", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "cityscapes_files", "cityscapes_lut"]
+__all__ = ["CITYSCAPES", "CITYSCAPES_768", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "cityscapes_files",
+           "cityscapes_lut"]
 
 CITYSCAPES_CLASSES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -71,10 +72,13 @@ def cityscapes_files(root: Path, split: str) -> list[tuple[Path, Path]]:
         LAYOUT)
 
 
+#: The test protocol (``dataset.protocol=768x768``, the default).
+CITYSCAPES_768 = TestPipeline(resize="keep_ratio", scale=(1024, 2048), mode="slide", crop=(768, 768),
+                              stride=(512, 512))
+
 CITYSCAPES = DatasetSpec(
     name="cityscapes", num_classes=19, class_names=CITYSCAPES_CLASSES, palette=CITYSCAPES_PALETTE, layout=LAYOUT,
     files=cityscapes_files, splits=_SPLITS, eval_split="val",
     lut=lut_from_mapping(_ID_TO_TRAIN, ignored=[i for i in range(_NUM_IDS) if i not in _ID_TO_TRAIN]),
-    test_pipeline=TestPipeline(resize="keep_ratio", scale=(1024, 2048), mode="slide", crop=(768, 768),
-                               stride=(512, 512)),
+    test_pipeline=CITYSCAPES_768, protocols={"768x768": CITYSCAPES_768},
     citation="Cordts et al., The Cityscapes Dataset for Semantic Urban Scene Understanding, CVPR 2016")

@@ -3,7 +3,7 @@
 File discovery lives with each data set's spec (``tokred/data/camvid.py``, ...); the ``*_files`` and ``*_lut``
 functions are re-exported here for older imports.
 
-Every item is ``(image, label)``: image float32 [3, H, W] normalised with ImageNet mean/std,
+Every item is ``(image, label)``: image float32 [3, H, W] normalised with the given mean/std (the weights'),
 label int64 [H, W] of train ids ``0 .. num_classes - 1`` with ``255`` for ignored pixels.
 Raw label values are mapped with a 256-entry lookup table; a raw value the table does not
 know is an error (never clamped).
@@ -79,7 +79,8 @@ class SegmentationDataset(Dataset):
       resize, e.g. ADE20K short side 512 px, so sizes differ per image) and label int64 [H, W] at
       the label file's ORIGINAL resolution; the evaluator upsamples logits to the label's size.
 
-    Images are normalised with ImageNet mean/std; labels hold train ids with 255 = ignore.
+    Images are normalised with ``mean``/``std`` (default: the spec's, ImageNet); labels hold train ids with
+    255 = ignore.
 
     Attributes:
         info: Label-space description of the data set.
@@ -99,6 +100,8 @@ class SegmentationDataset(Dataset):
         hflip: bool = True,
         photometric: bool = True,
         test_pipeline: TestPipeline | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         """Creates the data set.
 
@@ -115,6 +118,7 @@ class SegmentationDataset(Dataset):
             photometric: Colour jitter in training.
             test_pipeline: eval only: apply this protocol's resize rule instead of resizing to ``crop_size``
                 (``dataset.test_pipeline=protocol``).
+            mean / std: per-channel RGB normalisation of [0, 1] images (3 floats each); None: the spec's.
 
         Raises:
             ValueError: If ``files`` is empty, ``lut`` has the wrong shape, or ``train`` is
@@ -129,16 +133,18 @@ class SegmentationDataset(Dataset):
         self.files: list[tuple[Path, Path]] = [(Path(img), Path(lbl)) for img, lbl in files]
         self.train = bool(train)
         self._lut = lut.astype(np.int16)
+        norm = {"mean": tuple(info.mean if mean is None else mean), "std": tuple(info.std if std is None else std)}
+        self.mean, self.std = norm["mean"], norm["std"]
         if self.train:
             if crop_size is None:
                 raise ValueError("crop_size (H, W) in px is required when train=True")
             self._transform = build_train_transform(
-                crop_size, scale_range, base_size, hflip, photometric
+                crop_size, scale_range, base_size, hflip, photometric, **norm
             )
         elif test_pipeline is not None:
-            self._transform = build_protocol_transform(test_pipeline)
+            self._transform = build_protocol_transform(test_pipeline, **norm)
         else:
-            self._transform = build_eval_transform(crop_size)
+            self._transform = build_eval_transform(crop_size, **norm)
         logger.debug("dataset %s: %d items, train=%s", info.name, len(self.files), self.train)
 
     def __len__(self) -> int:

@@ -6,7 +6,9 @@ registered in :data:`tokred.plugins.DATASETS`; a plugin distribution adds one th
 ``tokred.datasets`` (or a test through ``DATASETS.register(name, spec)``), plus a ``configs/dataset/<name>.yaml``.
 
 The test pipeline follows mmsegmentation's evaluation protocol (resize rule, then ``whole`` or ``slide``
-inference with a window and stride); see :class:`TestPipeline`.
+inference with a window and stride); see :class:`TestPipeline`. A data set may name further variants in
+``protocols`` (ADE20K: ``512x512`` and ``640x640``, as mmseg's ``ade20k-512x512`` / ``ade20k-640x640`` configs),
+chosen with ``dataset.protocol=<name>`` (:meth:`DatasetSpec.protocol`).
 """
 
 from __future__ import annotations
@@ -178,14 +180,18 @@ class DatasetSpec:
         ignore_index: label value excluded from loss and mIoU.
         class_names: ``K`` names indexed by train id.
         palette: ``[K, 3]`` RGB colours (0..255) indexed by train id; ``()`` lets pictures choose.
-        mean / std: per-channel RGB normalisation of images scaled to [0, 1].
+        mean / std: per-channel RGB normalisation of images scaled to [0, 1] that ``build_dataset`` applies when
+            it is given none; the jobs always give the one the weights need (``model.normalization``,
+            ``tokred.config.input_normalization``).
         layout: the official folder layout, in words (error messages quote it).
         files: ``files(root, split)`` -> ``[(image_path, label_path)]`` in a fixed order; raises
             ``FileNotFoundError`` naming the missing path and ``layout``, ``ValueError`` for an unknown split.
         splits: valid split names.
         eval_split: the split results are reported on.
         lut: 256 ints, stored label value -> train id (``ignore_index`` for ignored, -1 for invalid values).
-        test_pipeline: the data set's evaluation protocol (``dataset.test_pipeline=protocol``).
+        test_pipeline: the data set's default evaluation protocol (``dataset.test_pipeline=protocol``).
+        protocols: named variants of the protocol (``dataset.protocol=<name>``), given as a mapping and stored
+            as ``((name, TestPipeline), ...)``; may include the default under its own name.
         default_root: folder used when ``root`` is None (e.g. the embedded CamVid sample); None = root required.
         citation: what to cite when reporting numbers on it.
 
@@ -207,6 +213,7 @@ class DatasetSpec:
     eval_split: str = "val"
     lut: tuple[int, ...] = ()
     test_pipeline: TestPipeline = field(default_factory=TestPipeline)
+    protocols: Mapping[str, TestPipeline] | tuple[tuple[str, TestPipeline], ...] = ()
     default_root: Path | None = None
     citation: str = ""
 
@@ -228,6 +235,28 @@ class DatasetSpec:
                                  f"ignore_index {self.ignore_index}")
         if self.splits and self.eval_split not in self.splits:
             raise ValueError(f"dataset {self.name!r}: eval_split {self.eval_split!r} is not one of {self.splits}")
+        pairs = tuple(self.protocols.items()) if isinstance(self.protocols, Mapping) else tuple(self.protocols)
+        for name, pipeline in pairs:
+            if not isinstance(pipeline, TestPipeline):
+                raise ValueError(f"dataset {self.name!r}: protocol {name!r} is a {type(pipeline).__name__}, "
+                                 "not a TestPipeline")
+        object.__setattr__(self, "protocols", tuple((str(n), p) for n, p in pairs))
+
+    def protocol(self, name: str | None = None) -> TestPipeline:
+        """The test pipeline named ``name`` (``dataset.protocol``); None or ``"default"``: ``test_pipeline``.
+
+        Raises:
+            ValueError: ``name`` is not one of ``protocols`` (lists the valid names).
+        """
+        if name is None or str(name) == "default":
+            return self.test_pipeline
+        named = dict(self.protocols)  # type: ignore[arg-type]
+        if str(name) not in named:
+            valid = ", ".join(["default", *named])
+            close = difflib.get_close_matches(str(name), list(named), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"dataset.protocol={name!r} unknown for dataset {self.name!r}{hint}; valid: {valid}")
+        return named[str(name)]
 
     def lut_array(self) -> np.ndarray:
         """``int16 [256]`` stored-value -> train-id table (-1 = invalid); identity on 0..K-1 when ``lut`` is empty."""

@@ -3,12 +3,14 @@
 Images travel as ``tv_tensors.Image`` (uint8, [3, H, W]) and labels as ``tv_tensors.Mask``
 (uint8, [1, H, W], already mapped to train ids with 255 = ignore), so every geometric
 transform is applied to both with the right interpolation (bilinear for the image, nearest for
-the label) while photometric transforms touch the image only.
+the label) while photometric transforms touch the image only. Every pipeline ends with the conversion to
+float in [0, 1] and the per-channel normalisation ``(x - mean) / std`` that the model's weights need
+(``mean`` / ``std`` arguments, default ImageNet's; see :mod:`tokred.data.normalization`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision import tv_tensors
@@ -45,11 +47,14 @@ def _check_hw(value: tuple[int, int], what: str) -> tuple[int, int]:
     return h, w
 
 
-def _to_float_normalised() -> list[v2.Transform]:
-    """Returns the dtype conversion and ImageNet normalisation steps shared by all pipelines."""
+def _to_float_normalised(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    """Returns the dtype conversion (uint8 -> float in [0, 1]) and ``(x - mean) / std`` steps of all pipelines."""
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std must be 3 numbers each (R, G, B; std > 0), got mean={mean} std={std}")
     return [
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
-        v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        v2.Normalize(mean=mean, std=std),
     ]
 
 
@@ -59,6 +64,8 @@ def build_train_transform(
     base_size: tuple[int, int] | None = None,
     hflip: bool = True,
     photometric: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
     """Builds the training augmentation pipeline.
 
@@ -66,7 +73,7 @@ def build_train_transform(
     ``scale_range`` (aspect ratio kept), random crop to ``crop_size`` (where the rescaled image
     is smaller, the image is padded with 0 and the label with 255 = ignore), optional random
     horizontal flip, optional colour jitter (image only), conversion to float in [0, 1] and
-    ImageNet normalisation.
+    normalisation with ``mean`` / ``std``.
 
     Args:
         crop_size: Output size (H, W) in px.
@@ -75,14 +82,15 @@ def build_train_transform(
             aspect ratio) before the random scale; defaults to ``crop_size``.
         hflip: Whether to flip horizontally with probability 0.5.
         photometric: Whether to apply brightness/contrast/saturation/hue jitter to the image.
+        mean / std: per-channel RGB normalisation of the [0, 1] image (3 floats each).
 
     Returns:
         A v2 transform mapping (image uint8 [3, H, W], label uint8 [1, H, W]) to
         (image float32 [3, crop_H, crop_W], label int64 [1, crop_H, crop_W]).
 
     Raises:
-        ValueError: If a size is not two positive ints or ``scale_range`` is not
-            ``0 < min <= max``.
+        ValueError: If a size is not two positive ints, ``scale_range`` is not
+            ``0 < min <= max``, or mean / std are not 3 numbers (std > 0).
     """
     crop_h, crop_w = _check_hw(crop_size, "crop_size")
     base_h, base_w = _check_hw(base_size if base_size is not None else crop_size, "base_size")
@@ -102,11 +110,12 @@ def build_train_transform(
         steps.append(v2.RandomHorizontalFlip(p=0.5))
     if photometric:
         steps.append(v2.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.05))
-    steps.extend(_to_float_normalised())
+    steps.extend(_to_float_normalised(mean, std))
     return v2.Compose(steps)
 
 
-def build_eval_transform(crop_size: tuple[int, int] | None) -> v2.Compose:
+def build_eval_transform(crop_size: tuple[int, int] | None, mean: Sequence[float] = IMAGENET_MEAN,
+                         std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """Builds the evaluation pipeline for the image.
 
     The image is resized (bilinear, antialiased) to exactly ``crop_size`` (or kept at its size
@@ -117,19 +126,20 @@ def build_eval_transform(crop_size: tuple[int, int] | None) -> v2.Compose:
 
     Args:
         crop_size: Network input size (H, W) in px, or None to keep the image's size.
+        mean / std: per-channel RGB normalisation of the [0, 1] image (3 floats each).
 
     Returns:
         A v2 transform mapping image uint8 [3, H, W] to float32 [3, crop_H, crop_W]
         (or [3, H, W] when ``crop_size`` is None).
 
     Raises:
-        ValueError: If ``crop_size`` is given and is not two positive ints.
+        ValueError: If ``crop_size`` is given and is not two positive ints, or bad mean / std.
     """
     steps: list[v2.Transform] = []
     if crop_size is not None:
         size = _check_hw(crop_size, "crop_size")
         steps.append(v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True))
-    steps.extend(_to_float_normalised())
+    steps.extend(_to_float_normalised(mean, std))
     return v2.Compose(steps)
 
 
@@ -147,7 +157,8 @@ class _ProtocolResize(v2.Transform):
         return v2.functional.resize(image, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
-def build_protocol_transform(pipeline: TestPipeline) -> v2.Compose:
+def build_protocol_transform(pipeline: TestPipeline, mean: Sequence[float] = IMAGENET_MEAN,
+                             std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
     """Builds the evaluation pipeline of a data set's protocol (mmseg ``test_pipeline``) for the image.
 
     The image is resized by the protocol's rule (``none``: native size; ``keep_ratio``: e.g. ADE20K short
@@ -156,9 +167,10 @@ def build_protocol_transform(pipeline: TestPipeline) -> v2.Compose:
 
     Args:
         pipeline: the data set's :class:`TestPipeline`.
+        mean / std: per-channel RGB normalisation of the [0, 1] image (3 floats each).
 
     Returns:
         A v2 transform mapping image uint8 [3, H, W] to float32 [3, H', W'] with
         ``(H', W') = pipeline.output_size(H, W)`` px (sizes differ between images).
     """
-    return v2.Compose([_ProtocolResize(pipeline), *_to_float_normalised()])
+    return v2.Compose([_ProtocolResize(pipeline), *_to_float_normalised(mean, std)])

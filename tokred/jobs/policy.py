@@ -18,7 +18,7 @@ from tokred.config import build_datasets, resolve_device, seed_everything
 from tokred.structured import reducer_kwargs
 from tokred.io import policy_cache_path
 
-__all__ = ["ensure_policy", "fitting_slot", "policy_path", "train_policy_job"]
+__all__ = ["ensure_policy", "fitting_slot", "policy_backbone", "policy_path", "train_policy_job"]
 
 log = logging.getLogger("tokred")
 
@@ -43,11 +43,18 @@ def fitting_slot(cfg: DictConfig, ignore_existing: bool = False) -> tuple[str, d
     return None
 
 
+def policy_backbone(cfg: DictConfig, kwargs: dict[str, Any]) -> str:
+    """The policy CNN the reducer will build (``"auto"`` resolved for ``model.embed_dim``)."""
+    from tokred.policy.network import resolve_policy_backbone
+
+    return resolve_policy_backbone(str(kwargs.get("policy_backbone", "auto")), cfg.model.get("embed_dim"))
+
+
 def policy_path(cfg: DictConfig, kwargs: dict[str, Any]) -> Path:
     """``policy.out``, else the shared cache file for this data set, crop, policy backbone and levels."""
     if cfg.policy.out:
         return Path(cfg.policy.out)
-    return policy_cache_path(str(cfg.dataset.name), tuple(cfg.dataset.crop_size), str(kwargs["policy_backbone"]),
+    return policy_cache_path(str(cfg.dataset.name), tuple(cfg.dataset.crop_size), policy_backbone(cfg, kwargs),
                              list(kwargs.get("levels") or [2]))
 
 
@@ -73,14 +80,15 @@ def train_policy_job(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     levels = list(kwargs.get("levels") or [2])
-    policy = build_policy(levels, int(cfg.model.patch_size), kwargs["policy_backbone"])
+    policy = build_policy(levels, int(cfg.model.patch_size), policy_backbone(cfg, kwargs))
     thresholds = kwargs.get("thresholds")
     res = train_policy(build_datasets(cfg, train=True), build_datasets(cfg, train=False, split=cfg.policy.val_split),
                        policy, int(cfg.policy.epochs), lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size),
                        device=device, out_path=out, thresholds=thresholds, num_workers=int(cfg.train.num_workers),
                        max_steps=cfg.policy.max_steps, seed=int(cfg.seed))
     if not quiet:  # the policy stage of run logs its summary instead (run.log)
-        sys.stdout.write(json.dumps({k: v for k, v in res.items() if k != "history"}, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps({k: v for k, v in res.items() if k not in ("history", "pr_curves")}, indent=2,
+                                    default=str) + "\n")
     return res
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RESUME_ALLOWED", "ResumeRefused", "check_resume", "config_differences", "resume_command"]
+__all__ = ["RESUME_ALLOWED", "ResumeRefused", "check_resume", "config_differences", "job_overrides", "resume_command"]
 
 log = logging.getLogger("tokred")
 
@@ -98,6 +98,11 @@ def check_resume(cfg: DictConfig, run_dir: Path, fitted: tuple[str, str] | None 
     requested = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(stored, dict) and isinstance(requested, dict)
     diff = config_differences(stored, requested)
+    given = {o.lstrip("+~").split("=", 1)[0] for o in job_overrides()}
+    newer = sorted(k for k, (old, _) in diff.items() if old == "<absent>" and k not in given)
+    if newer:  # keys a newer tokred added since the run started, left at their defaults
+        log.info("resume: %s did not exist when %s started; they keep their defaults", ", ".join(newer), run_dir)
+        diff = {k: v for k, v in diff.items() if k not in newer}
     if diff:
         lines = "\n".join(f"  {k}: run has {v[0]!r}, requested {v[1]!r}" for k, v in diff.items())
         raise ResumeRefused(f"resume=true: the requested configuration differs from the one run {run_dir} was "
@@ -107,16 +112,19 @@ def check_resume(cfg: DictConfig, run_dir: Path, fitted: tuple[str, str] | None 
                            f"{', '.join(a + '*' if a.endswith('.') else a for a in RESUME_ALLOWED)}")
 
 
-def resume_command(run_dir: Path) -> str:
-    """The exact command that continues ``run_dir``: this job's overrides, pointed at that folder."""
-    drop = ("resume=", "run_name=", "output_dir=", "existing_run=", "+resume=")
-    overrides: list[str] = []
+def job_overrides(drop: tuple[str, ...] = ()) -> list[str]:
+    """This Hydra job's command-line overrides, without those starting with ``drop`` ([] outside Hydra)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(drop)]
+        return [o for o in HydraConfig.get().overrides.task if not o.startswith(drop)]
     except (ImportError, ValueError):  # not under Hydra (library use)
-        pass
+        return []
+
+
+def resume_command(run_dir: Path) -> str:
+    """The exact command that continues ``run_dir``: this job's overrides, pointed at that folder."""
+    overrides = job_overrides(("resume=", "run_name=", "output_dir=", "existing_run=", "+resume="))
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     launcher = ["torchrun", f"--nproc_per_node={procs}"] if procs > 1 else ["python"]
     words = [*launcher, "-m", "tokred", "run", *overrides, f"output_dir={run_dir.parent}",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokred.config import (baseline_like, build_datasets, build_model_from_config, default_run_name, eval_images,
                            eval_labels, inference_settings, make_loader, method_name, named_run_dir,
-                           resolve_device,
+                           input_normalization, resolve_device,
                            seed_everything, spread_indices, test_pipeline)
 from tokred.engine.checkpoint import load_checkpoint
 from tokred.models.checkpoints import load_segmentation_checkpoint, load_state_dict_checked
@@ -26,6 +25,7 @@ from tokred.engine.distributed import init_distributed, is_main_process, local_d
 from tokred.engine.train import TrainingInterrupted
 from tokred.io import eval_mode, new_run_dir
 from tokred.jobs.policy import ensure_policy
+from tokred.jobs.summary import print_summary
 from tokred.jobs.train_stage import train_stage
 from tokred.models.segmenter import Segmenter
 
@@ -123,7 +123,8 @@ def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -
         with eval_mode(model):
             gflops = count_gflops_windows(model.cpu(), images, inf.mode, inf.crop, inf.stride,
                                           targets=[lb for _, lb in items] if oracle else None)
-        base_gflops = count_gflops_windows(baseline, images[:1], inf.mode, inf.crop, inf.stride)
+        # the same images: their sizes (and so their windows) differ, one image would not stand for them
+        base_gflops = count_gflops_windows(baseline, images, inf.mode, inf.crop, inf.stride)
     else:
         images = eval_images(ds, n_flops, crop)
         targets = eval_labels(ds, n_flops, crop) if oracle else None
@@ -139,37 +140,15 @@ def _measure_cost(cfg: DictConfig, model: Segmenter, ds, device: torch.device) -
                  method_name(cfg))
     elif cfg.eval.bench:
         bs = int(cfg.eval.bench_batch_size)
-        throughput = compare(model, baseline, bs, crop, device=str(device),
-                             precision="bf16" if (cfg.train.amp and device.type == "cuda") else "fp32",
-                             warmup=2, repeats=int(cfg.eval.bench_repeats), gflops_reduced=gflops["gflops"],
-                             gflops_baseline=base_gflops["gflops"], inputs=eval_images(ds, bs, crop))
+        timing = dict(device=str(device), precision="bf16" if (cfg.train.amp and device.type == "cuda") else "fp32",
+                      warmup=2, repeats=int(cfg.eval.bench_repeats), inputs=eval_images(ds, bs, crop))
+        throughput = compare(model, baseline, bs, crop, gflops_reduced=gflops["gflops"],
+                             gflops_baseline=base_gflops["gflops"], **timing)
+        if cfg.eval.get("self_check", True):  # the unreduced model against itself: 1 on a quiet machine
+            check = compare(baseline, baseline, bs, crop, **timing)
+            throughput["self_check_speedup"] = check["speedup"]
+            throughput["self_check_speedup_iqr"] = check["speedup_iqr"]
     return {"gflops": gflops, "throughput": throughput}
-
-
-def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.2f}" if pct else (f"{v:.3g}" if isinstance(v, float) else str(v))
-
-
-def _print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    from tabulate import tabulate
-
-    m = metrics
-    rows = [["method", m.get("method")], ["model", m.get("model", {}).get("name")],
-            ["dataset / split", f"{m.get('dataset', {}).get('name')} / {m.get('eval_split')}"],
-            ["images evaluated", m.get("num_images")],
-            ["mIoU (%)", _fmt(m.get("miou"), True)], ["pixel acc (%)", _fmt(m.get("pixel_accuracy"), True)],
-            ["GFLOPs / image", _fmt(m.get("gflops"))], ["GFLOPs ratio vs none", _fmt(m.get("gflops_ratio"))],
-            ["im/s", _fmt(m.get("images_per_second"))], ["speedup vs none", _fmt(m.get("speedup"))],
-            ["token reduction", _fmt(m.get("token_reduction"))],
-            ["halted fraction", _fmt(m.get("halted_fraction"))], ["device", m.get("device")]]
-    sys.stdout.write(tabulate(rows, tablefmt="simple") + "\n")
-    per_class = m.get("per_class_iou") or {}
-    if per_class:
-        sys.stdout.write(tabulate([[k, _fmt(v, True)] for k, v in per_class.items()], headers=["class", "IoU (%)"],
-                                  tablefmt="simple") + "\n")
-    sys.stdout.write(f"results: {run_dir}\n")
 
 
 def _assemble_metrics(cfg: DictConfig, model: Segmenter, measured: dict[str, Any],
@@ -294,7 +273,8 @@ def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
         if not cfg.resume:  # a resumed run keeps the configuration it was started with (checked equal)
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory %s", run_dir)
-    extra: dict[str, Any] = {"run_dir": str(run_dir)}
+    extra: dict[str, Any] = {"run_dir": str(run_dir), "layout": model.encoder.layout}
+    extra["normalization"] = input_normalization(cfg).record()  # the input mean/std of every split, and why
     if cfg.init_from and not cfg.resume:
         _init_from(cfg, model)
         extra["init_from"] = str(cfg.init_from)
@@ -309,5 +289,23 @@ def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
     measured = _evaluate_and_measure(cfg, model, device)
     metrics = _assemble_metrics(cfg, model, measured, extra)
     write_metrics(run_dir / "metrics.json", metrics)
-    _print_summary(run_dir, metrics)
+    print_summary(run_dir, metrics, _analyze_hint(cfg, run_dir, model))
     return metrics
+
+
+def _analyze_hint(cfg: DictConfig, run_dir: Path, model: Segmenter) -> str | None:
+    """The ``tokred analyze`` command for this run's checkpoint (when the command exists and a reducer acts)."""
+    from tokred.__main__ import JOBS
+
+    if "analyze" not in JOBS or not (run_dir / "last.pth").is_file():
+        return None
+    if all(r.kind == "none" for r in model.reducers):
+        return None
+    import shlex
+
+    from tokred.jobs.resume import job_overrides
+
+    keep = job_overrides(("resume=", "run_name=", "output_dir=", "existing_run=", "train.", "+train.",
+                          "checkpoint=", "init_from=", "eval.bench", "policy."))
+    return " ".join(shlex.quote(w) for w in ["python", "-m", "tokred", "analyze", *keep,
+                                             f"checkpoint={run_dir / 'last.pth'}"])

@@ -122,7 +122,10 @@ class TokenAccounting:
             ``windows_per_image`` (mean windows per image; 1.0 in whole mode), ``num_windows`` (forward rows);
             ``tokens_per_block`` (mean live patch tokens entering each block per image, summed over its
             windows, one float per block), ``tokens_per_block_min``, ``tokens_per_block_max`` (over images);
-            ``token_reduction``; ``halted_fraction``; ``halted_patch_fraction``; ``banked_after_block``
+            ``token_reduction`` (N0 / tokens entering block 0: what a merger did at the embedding);
+            ``token_block_fraction`` (token-blocks processed / ``depth * N0``: one figure that means the same for
+            mergers and pruners, 1.0 for the unreduced model); ``halted_fraction``; ``halted_patch_fraction``;
+            ``banked_after_block``
             (``{block index (0-based, str): {"mean": tokens per image, "fraction": of tokens entered}}``);
             ``halted_stats`` (``{"halted_*" stat: mean per image}``); ``other_stats`` (any other stat: mean per
             image); ``budgets`` (``{slot: {block (0-based, str): {"requested", "effective"}}}``: the mean ``r``
@@ -170,6 +173,7 @@ class TokenAccounting:
             "tokens_per_block_min": per_image.min(0).tolist(),
             "tokens_per_block_max": per_image.max(0).tolist(),
             "token_reduction": (num_patches / n) / means[0] if means[0] > 0 else float("inf"),
+            "token_block_fraction": sum(means) / (depth * num_patches / n) if num_patches else 0.0,
             "halted_fraction": banked / entered if entered else 0.0,
             "halted_patch_fraction": self._stats.get("banked_patches", 0.0) / num_patches,
             "banked_after_block": dict(sorted(exits.items(), key=lambda kv: int(kv[0]))),

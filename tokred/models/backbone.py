@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["BACKBONES", "build_backbone", "hf_cache_dir", "load_state_dict_file", "load_backbone_checkpoint",
-           "resolve_pretrained"]
+           "pretrained_normalization", "resolve_pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,33 @@ def resolve_pretrained(arch: str, pretrained: str | bool) -> str:
         log.warning("pretrained %s has architecture %s, not %s of the model name; building %s",
                     full, full.split(".")[0], arch, full.split(".")[0])
     return full
+
+
+def pretrained_normalization(name: str, pretrained: str | bool):
+    """The input normalisation timm records for a pretrained tag, from timm's registry (nothing is downloaded).
+
+    Args:
+        name: the tokred model name (``configs/model``) or a timm architecture.
+        pretrained: as for :func:`resolve_pretrained` (full ``arch.tag``, bare ``tag`` or ``True``).
+
+    Returns:
+        A :class:`tokred.data.normalization.Normalization` named after the full tag, with the mean/std of its
+        ``pretrained_cfg`` (AugReg ViTs 0.5 / 0.5; DINOv2 ImageNet's; EVA-02 CLIP's).
+
+    Raises:
+        ValueError: unknown model name or pretrained tag (close names listed), or a tag without mean/std.
+    """
+    from timm.models import get_pretrained_cfg
+
+    from tokred.data.normalization import Normalization
+
+    full = resolve_pretrained(_resolve_arch(name), pretrained)
+    cfg = get_pretrained_cfg(full)
+    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if mean is None or std is None:
+        raise ValueError(f"timm's pretrained_cfg of {full!r} gives no mean/std; set model.normalization "
+                         "(imagenet | vit | {mean: [...], std: [...]})")
+    return Normalization(tuple(mean), tuple(std), full, f"timm pretrained_cfg of model.pretrained={full}")
 
 
 def build_backbone(name: str, img_size: tuple[int, int], drop_path_rate: float = 0.0,

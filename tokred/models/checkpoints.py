@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,8 +30,9 @@ from torch import Tensor
 from tokred.engine.checkpoint import read_torch_file
 from tokred.models.decoders import LinearDecoder, MaskTransformerDecoder
 
-__all__ = ["FORMATS", "check_segmentation_checkpoint", "detect_format", "guess_model", "load_segmentation_checkpoint",
-           "load_state_dict_checked", "read_checkpoint", "summarise_mismatch", "to_tokred_keys"]
+__all__ = ["FORMATS", "check_segmentation_checkpoint", "checkpoint_normalization", "detect_format", "guess_model",
+           "load_segmentation_checkpoint", "load_state_dict_checked", "read_checkpoint", "summarise_mismatch",
+           "to_tokred_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,11 @@ FORMATS: tuple[str, ...] = ("segmenter", "mmseg", "tokred")
 _WRAPPERS = ("model", "state_dict", "module", "model_state")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Tensor]:
     """The flat tensor state dict in ``path`` (``.pth``/``.pt``/``.bin`` or ``.safetensors``).
 
-    ``model`` / ``state_dict`` / ``module`` wrappers are unwrapped; non-tensor entries are dropped.
+    ``model`` / ``state_dict`` / ``module`` wrappers are unwrapped; non-tensor entries are dropped. ``mmap=True``
+    maps a ``.pth`` instead of reading it (cheap when only the key names are needed; tensors are read lazily).
 
     Raises:
         FileNotFoundError: no such file.
@@ -63,7 +66,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
                              f"{str(err).splitlines()[0] if str(err) else ''}); re-download or pass another "
                              "file") from None
     else:
-        obj = read_torch_file(path, "cpu")
+        try:  # a legacy (non-zip) or unreadable file is read fully below, failing with tokred's messages
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if mmap else None
+        except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError):
+            obj = None
+        if obj is None:
+            obj = read_torch_file(path, "cpu")
     for _ in range(3):  # nested wrappers ({"model": {"state_dict": ...}})
         if isinstance(obj, Mapping):
             inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
@@ -420,6 +428,42 @@ def check_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") -
     if skipped:
         log.info("checkpoint %s: ignored %d tensors tokred does not use (e.g. %s)", path, len(skipped), skipped[:3])
     return sd, fmt
+
+
+def checkpoint_normalization(path: str | Path, format: str = "auto"):
+    """The input normalisation a released segmentation checkpoint was trained with (its format's convention).
+
+    ``segmenter``: ``variant.yml``'s ``dataset_kwargs.normalization`` (Segmenter's ``vit`` = 0.5 / 0.5 or
+    ``deit`` = ImageNet), else ``vit`` (the authors' ViT default); ``mmseg``: ``vit`` (mmseg's Segmenter configs
+    normalise 0..255 pixels with mean = std = 127.5); ``tokred``: None (the run that wrote it knows, see
+    ``tokred.config.input_normalization``).
+
+    Returns:
+        A :class:`tokred.data.normalization.Normalization` (source in words), or None for ``tokred``.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_checkpoint` (``auto`` reads the key names), an unknown
+            format, or a ``variant.yml`` normalisation other than vit / deit / imagenet.
+    """
+    from tokred.data.normalization import VIT, Normalization, parse_normalization
+
+    path = Path(path)
+    fmt = detect_format(read_checkpoint(path, mmap=True)) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint_format {format!r}; valid: auto, {', '.join(FORMATS)}")
+    if fmt == "tokred":
+        return None
+    if fmt == "segmenter":
+        variant = _read_variant(path) or {}
+        name = (variant.get("dataset_kwargs") or {}).get("normalization") \
+            or (variant.get("net_kwargs") or {}).get("normalization")
+        where = path.parent / "variant.yml"
+        found = parse_normalization(name, key=f"{where} dataset_kwargs.normalization") if name else None
+        if found is not None:
+            return Normalization(found.mean, found.std, found.name, f"{where}: normalization {name}")
+        return Normalization(VIT.mean, VIT.std, "vit", f"Segmenter checkpoint {path} (no normalization in "
+                             "variant.yml): vit, the authors' ViT default")
+    return Normalization(VIT.mean, VIT.std, "vit", f"mmseg checkpoint {path}: mean = std = 127.5 on 0..255")
 
 
 def load_segmentation_checkpoint(seg, path: str | Path, format: str = "auto") -> str:

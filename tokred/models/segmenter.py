@@ -135,6 +135,25 @@ class Segmenter(nn.Module):
         return total / count.clamp_min(1)
 
 
+def _sized(spec: str | Reducer | None, kwargs: Mapping[str, Any] | None,
+           embed_dim: int | None) -> Mapping[str, Any] | None:
+    """``policy_backbone="auto"`` (given, or the reducer's default) resolved for this ViT
+    (``tokred.policy.network.resolve_policy_backbone``)."""
+    import inspect
+
+    if not isinstance(spec, str):
+        return kwargs
+    from tokred.reducers.registry import get_reducer_class
+
+    param = inspect.signature(get_reducer_class(spec).__init__).parameters.get("policy_backbone")
+    value = dict(kwargs or {}).get("policy_backbone", None if param is None else param.default)
+    if value != "auto":
+        return kwargs
+    from tokred.policy.network import resolve_policy_backbone
+
+    return {**dict(kwargs or {}), "policy_backbone": resolve_policy_backbone("auto", embed_dim)}
+
+
 def _make_reducer(spec: str | Reducer | None, kwargs: Mapping[str, Any] | None, slot: str) -> Reducer:
     if isinstance(spec, Reducer):
         reducer = spec
@@ -152,7 +171,8 @@ def build_segmenter(model: str = "vit_tiny", num_classes: int = 11, crop_size: t
                     pruner_kwargs: Mapping[str, Any] | None = None, decoder_kwargs: Mapping[str, Any] | None = None,
                     backbone_kwargs: Mapping[str, Any] | None = None, checkpoint: str | None = None,
                     drop_path_rate: float = 0.0, grad_checkpointing: bool = False,
-                    ignore_index: int = 255, pretrained: str | bool | None = None) -> Segmenter:
+                    ignore_index: int = 255, pretrained: str | bool | None = None,
+                    layout: str = "auto") -> Segmenter:
     """Builds the full pipeline without Hydra.
 
     Example::
@@ -171,6 +191,8 @@ def build_segmenter(model: str = "vit_tiny", num_classes: int = 11, crop_size: t
         checkpoint: local backbone checkpoint (timm or tokred format); whole released segmentation
             checkpoints load with ``tokred.models.checkpoints.load_segmentation_checkpoint`` afterwards.
         pretrained: timm pretrained tag (or ``True``) for the backbone, see ``build_backbone``.
+        layout: ``"padded"``, ``"packed"`` or ``"auto"``: how blocks run when images hold different token
+            counts (``tokred.encoder.Encoder``).
 
     Raises:
         ValueError: unknown names, a merger in the pruner slot (or vice versa), a crop that is not a multiple
@@ -184,8 +206,10 @@ def build_segmenter(model: str = "vit_tiny", num_classes: int = 11, crop_size: t
     if crop_size[0] % ph or crop_size[1] % pw:
         raise ValueError(f"crop_size {tuple(crop_size)} px is not a multiple of the patch size {(ph, pw)}; "
                          f"use e.g. {(crop_size[0] // ph * ph, crop_size[1] // pw * pw)}")
-    reducers = [_make_reducer(merger, merger_kwargs, "merger"), _make_reducer(pruner, pruner_kwargs, "pruner")]
-    encoder = Encoder(vit, reducers, grad_checkpointing=grad_checkpointing)
+    embed_dim = getattr(vit, "embed_dim", None)
+    reducers = [_make_reducer(merger, _sized(merger, merger_kwargs, embed_dim), "merger"),
+                _make_reducer(pruner, _sized(pruner, pruner_kwargs, embed_dim), "pruner")]
+    encoder = Encoder(vit, reducers, grad_checkpointing=grad_checkpointing, layout=layout)
     info = BackboneInfo(embed_dim=encoder.embed_dim, num_heads=encoder.num_heads, depth=encoder.depth,
                         patch_size=encoder.patch_size, grid_size=encoder.grid_size_for(crop_size),
                         num_prefix_tokens=encoder.num_prefix_tokens, num_classes=num_classes)

@@ -33,12 +33,30 @@ from tokred.io import atomic_file, atomic_write_json
 from tokred.models.backbone import load_state_dict_file
 from tokred.policy.partition import check_levels
 
-__all__ = ["PolicyNet", "save_policy", "load_policy_checkpoint", "read_policy_config", "build_policy"]
+__all__ = ["PolicyNet", "save_policy", "load_policy_checkpoint", "read_policy_config", "build_policy",
+           "resolve_policy_backbone"]
 
 log = logging.getLogger(__name__)
 
 _FORMAT = "tokred-policy"
 _FEATURE_STRIDE = 32  # px per cell of the features the heads read (= one level-2 window at patch 16)
+
+
+#: ``policy_backbone="auto"``: the policy CNN sized to the ViT it serves, ``(max embed_dim, timm CNN)``. At
+#: 384x512 px: mobilenetv3_small_050 0.096 GFLOPs (fvcore), efficientnet_lite0 1.48 GFLOPs, against about
+#: 4.7 (ViT-T) / 17.6 (ViT-S) / 67 (ViT-B) GFLOPs of the unreduced encoder, so dCTS can pay for itself on
+#: ViT-T/S too.
+AUTO_POLICY_BACKBONES: tuple[tuple[int, str], ...] = ((384, "mobilenetv3_small_050"), (10**9, "efficientnet_lite0"))
+
+
+def resolve_policy_backbone(name: str, embed_dim: int | None) -> str:
+    """``name``, or for ``"auto"`` the CNN of ``AUTO_POLICY_BACKBONES`` for the ViT's ``embed_dim``
+    (``efficientnet_lite0`` when it is not known)."""
+    if name != "auto":
+        return name
+    if embed_dim is None:
+        return AUTO_POLICY_BACKBONES[-1][1]
+    return next(cnn for limit, cnn in AUTO_POLICY_BACKBONES if int(embed_dim) <= limit)
 
 
 class PolicyNet(nn.Module):

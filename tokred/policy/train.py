@@ -7,7 +7,11 @@ pixels) and then over levels.
 
 Validation reports, per level ``L``, precision and recall of "uniform" at ``tau_L``, and for the full
 coarse-to-fine partition at those thresholds the fraction of accepted supertokens that are truly uniform
-(their labelled pixels hold at most one class) and the mean token ratio (tokens / patches).
+(their labelled pixels hold at most one class) and the mean token ratio (tokens / patches). It also samples
+each level's precision/recall curve (``pr_curves``, saved in the checkpoint's sidecar), from which
+``calibrated_thresholds`` picks per level the lowest ``tau`` reaching a target precision: dCTS's
+``target_precision`` option, so an under-trained policy that scores every window high does not merge the
+whole image (a calibration on validation labels; STEP fixes its thresholds by hand).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from tokred.policy.labels import DEFAULT_ALL_IGNORE, DEFAULT_PARTIAL_IGNORE, res
 from tokred.policy.network import PolicyNet, save_policy
 from tokred.policy.partition import normalize_thresholds, quadtree_partition
 
-__all__ = ["train_policy", "policy_loss", "evaluate_policy"]
+__all__ = ["CURVE_THRESHOLDS", "calibrated_thresholds", "evaluate_policy", "policy_loss", "precision_recall_curve",
+           "train_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ def evaluate_policy(policy: PolicyNet, loader: DataLoader, thresholds: Mapping[i
     """
     policy.eval()
     p = policy.patch_size
+    seen: dict[int, list[Tensor]] = {L: [] for L in policy.levels}  # per level: [scores; uniform] of counted windows
     tp = {L: 0 for L in policy.levels}
     fp, fn = dict(tp), dict(tp)
     loss_sum, n_batches, acc_total, acc_uniform, ratio_sum, n_images = 0.0, 0, 0, 0, 0.0, 0
@@ -94,6 +100,7 @@ def evaluate_policy(policy: PolicyNet, loader: DataLoader, thresholds: Mapping[i
             target, mask = window_labels(label, L, p, ignore_index, all_ignore, partial_ignore)
             pred = scores[L] > thresholds[L]
             pos = target > 0.5
+            seen[L].append(torch.stack([scores[L][mask].float(), pos[mask].float()]).cpu())
             tp[L] += int((pred & pos & mask).sum())
             fp[L] += int((pred & ~pos & mask).sum())
             fn[L] += int((~pred & pos & mask).sum())
@@ -109,6 +116,52 @@ def evaluate_policy(policy: PolicyNet, loader: DataLoader, thresholds: Mapping[i
         out[f"recall_L{L}"] = tp[L] / (tp[L] + fn[L]) if tp[L] + fn[L] else math.nan
     out["uniform_fraction"] = acc_uniform / acc_total if acc_total else math.nan
     out["token_ratio"] = ratio_sum / max(n_images, 1)
+    out["pr_curves"] = {str(L): precision_recall_curve(torch.cat(seen[L], dim=1)) for L in policy.levels
+                        if seen[L]}
+    return out
+
+
+#: Thresholds at which the validation precision/recall curves are sampled (``tau`` in [0, 1]).
+CURVE_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.97, 0.99)
+
+
+def precision_recall_curve(pairs: Tensor) -> list[dict[str, float]]:
+    """Precision, recall and accepted share of "score > tau" for every ``tau`` of ``CURVE_THRESHOLDS``.
+
+    Args:
+        pairs: ``[2, W]`` scores (sigmoid, in [0, 1]) and targets (1 = uniform window) of the counted windows.
+
+    Returns:
+        ``[{"tau", "precision" (NaN when nothing is accepted), "recall", "accepted"}]``, ascending ``tau``.
+    """
+    score, pos = pairs[0], pairs[1] > 0.5
+    rows = []
+    for tau in CURVE_THRESHOLDS:
+        pred = score > tau
+        n_pred, n_tp, n_pos = int(pred.sum()), int((pred & pos).sum()), int(pos.sum())
+        rows.append({"tau": tau, "precision": n_tp / n_pred if n_pred else math.nan,
+                     "recall": n_tp / n_pos if n_pos else math.nan,
+                     "accepted": n_pred / max(int(score.numel()), 1)})
+    return rows
+
+
+def calibrated_thresholds(curves: Mapping[str, Sequence[Mapping[str, float]]], levels: Sequence[int],
+                          target_precision: float) -> dict[int, float]:
+    """Per level, the smallest sampled ``tau`` whose validation precision reaches ``target_precision``.
+
+    A level whose curve never reaches it (or has no curve) gets ``tau = 1.0``: it accepts nothing, so the
+    policy never merges windows it cannot tell apart at that precision.
+
+    Raises:
+        ValueError: ``target_precision`` outside ``(0, 1]``.
+    """
+    if not 0.0 < float(target_precision) <= 1.0:
+        raise ValueError(f"target_precision must be in (0, 1], got {target_precision}")
+    out = {}
+    for L in sorted(int(v) for v in levels):
+        ok = [r["tau"] for r in curves.get(str(L), ()) if r["precision"] == r["precision"]  # not NaN
+              and r["precision"] >= target_precision]
+        out[L] = float(min(ok)) if ok else 1.0
     return out
 
 
@@ -155,7 +208,8 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
     policy.to(device).requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(dataset_train, batch_size=batch_size, shuffle=True, generator=gen,
-                              num_workers=num_workers, collate_fn=_collate, drop_last=False)
+                              num_workers=num_workers, collate_fn=_collate, drop_last=False,
+                              persistent_workers=num_workers > 0)  # not restarted every (short) epoch
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
     steps, train_loss = 0, math.nan
     p = policy.patch_size
@@ -186,6 +240,9 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
         metrics.update(evaluate_policy(policy, val_loader, taus, device, ignore_index, all_ignore, partial_ignore,
                                        progress))
         log.info("policy validation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        for L, rows in metrics.get("pr_curves", {}).items():
+            log.info("policy level %s: precision at tau 0.5 / 0.7 / 0.9: %s", L,
+                     " / ".join(f"{r['precision']:.3f}" for r in rows if r["tau"] in (0.5, 0.7, 0.9)))
     policy.eval()
     metrics["out_path"] = None
     if out_path is not None:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokred.policy.labels import oracle_scores, resize_labels
-from tokred.policy.network import PolicyNet, load_policy_checkpoint, read_policy_config
+from tokred.policy.network import PolicyNet, load_policy_checkpoint, read_policy_config, resolve_policy_backbone
 from tokred.policy.partition import (
     Partition,
     check_levels,
@@ -154,7 +154,9 @@ class DCTS(Merger):
             (ascending), one float, or None (0.5 each). A window is accepted when its score is ``> tau_L``;
             ``tau = 1`` accepts nothing at that level.
         policy: ``"cnn"`` (``PolicyNet``) or ``"oracle"`` (ground-truth homogeneity from ``ctx.target``).
-        policy_backbone: timm CNN of the policy (``efficientnet_lite0``, about 7.9 GFLOPs at 1024x1024 px).
+        policy_backbone: timm CNN of the policy, or ``"auto"``: sized to the ViT (``build_segmenter`` resolves it
+            with ``tokred.policy.network.resolve_policy_backbone``: mobilenetv3_small_050 up to embed_dim 384,
+            else efficientnet_lite0, about 7.9 GFLOPs at 1024x1024 px; without a ViT, efficientnet_lite0).
         policy_checkpoint: local policy file from ``train_policy`` (random init when None: then the partition
             is arbitrary, a warning is logged).
         min_tokens: optional lower bound on patch tokens per image (see ``quadtree_partition``).
@@ -162,9 +164,14 @@ class DCTS(Merger):
         train_policy_jointly: must be False (see module docstring); train the policy with
             ``tokred.policy.train.train_policy`` and pass ``policy_checkpoint``.
         proportional_attention: add ``log(size)`` to every key's attention logit.
+        target_precision: with a ``policy_checkpoint`` whose sidecar holds validation precision/recall curves
+            (``train_policy`` writes them), ``thresholds`` is replaced per level by the lowest ``tau`` whose
+            validation precision reaches this value (``tokred.policy.train.calibrated_thresholds``; 1.0 where
+            no ``tau`` does). A tokred addition: STEP sets its thresholds by hand. Ignored by the oracle policy.
 
     Raises:
-        ValueError: bad levels or thresholds, unknown policy, a checkpoint with the oracle policy, caps below
+        ValueError: bad levels or thresholds, unknown policy, ``target_precision`` outside (0, 1], a checkpoint
+            with the oracle policy, caps below
             1 or min above max, ``train_policy_jointly=True``, or a checkpoint that does not match ``levels``
             / ``policy_backbone`` (its patch size is checked against the ViT in ``setup``).
     """
@@ -173,9 +180,9 @@ class DCTS(Merger):
 
     def __init__(self, levels: Sequence[int] = (2, 4, 8, 16),
                  thresholds: Mapping | Sequence[float] | float | None = None, policy: str = "cnn",
-                 policy_backbone: str = "efficientnet_lite0", policy_checkpoint: str | None = None,
+                 policy_backbone: str = "auto", policy_checkpoint: str | None = None,
                  min_tokens: int | None = None, max_tokens: int | None = None, train_policy_jointly: bool = False,
-                 proportional_attention: bool = False) -> None:
+                 proportional_attention: bool = False, target_precision: float | None = None) -> None:
         super().__init__()
         self.levels = check_levels(levels)
         self.thresholds = normalize_thresholds(thresholds, self.levels)
@@ -194,6 +201,11 @@ class DCTS(Merger):
                              "(tokred.policy.train.train_policy / `python -m tokred train-policy`); set "
                              "train_policy_jointly=false and pass policy_checkpoint")
         self.policy_kind = policy
+        if target_precision is not None and not 0.0 < float(target_precision) <= 1.0:
+            raise ValueError(f"target_precision must be in (0, 1] (validation precision of accepted windows) or "
+                             f"null, got {target_precision}")
+        self.target_precision: float | None = None  # set when the thresholds were calibrated
+        policy_backbone = resolve_policy_backbone(policy_backbone, None)  # build_segmenter resolves "auto" first
         self.policy_backbone = policy_backbone
         self.policy_checkpoint = policy_checkpoint
         self.min_tokens = None if min_tokens is None else int(min_tokens)
@@ -205,7 +217,10 @@ class DCTS(Merger):
             self.policy: nn.Module = PolicyNet(self.levels, patch_size=16, backbone=policy_backbone)
             if policy_checkpoint:
                 load_policy_checkpoint(self.policy, policy_checkpoint, check_patch_size=False)
-                self._patch_size_from_checkpoint = read_policy_config(policy_checkpoint) is not None
+                meta = read_policy_config(policy_checkpoint)
+                self._patch_size_from_checkpoint = meta is not None
+                if target_precision is not None:
+                    self._calibrate(meta, policy_checkpoint, float(target_precision))
             else:
                 log.warning("dCTS policy %s has no policy_checkpoint: it is randomly initialised and its "
                             "superpatches are arbitrary; train one with tokred.policy.train.train_policy",
@@ -214,6 +229,20 @@ class DCTS(Merger):
             self.policy.eval()
         else:
             self.policy = nn.Identity()
+
+    def _calibrate(self, meta: Mapping[str, Any] | None, path: str, target: float) -> None:
+        """Thresholds from the policy's validation precision/recall curves (``calibrated_thresholds``)."""
+        from tokred.policy.train import calibrated_thresholds
+
+        curves = ((meta or {}).get("metrics") or {}).get("pr_curves")
+        if not curves:
+            log.warning("dCTS target_precision=%s: policy %s has no validation curves in its sidecar (trained by an "
+                        "older tokred or without a validation split); using thresholds %s", target, path,
+                        self.thresholds)
+            return
+        self.thresholds = calibrated_thresholds(curves, self.levels, target)
+        self.target_precision = target
+        log.info("dCTS thresholds calibrated to validation precision >= %s: %s", target, self.thresholds)
 
     # ------------------------------------------------------------------ capabilities
     @property
@@ -273,7 +302,8 @@ class DCTS(Merger):
         return {"levels": list(self.levels), "thresholds": {str(k): v for k, v in self.thresholds.items()},
                 "policy": self.policy_kind, "policy_backbone": self.policy_backbone,
                 "policy_checkpoint": self.policy_checkpoint, "min_tokens": self.min_tokens,
-                "max_tokens": self.max_tokens, "proportional_attention": self.proportional_attention}
+                "max_tokens": self.max_tokens, "proportional_attention": self.proportional_attention,
+                "target_precision": self.target_precision}
 
     @classmethod
     def identity_config(cls) -> dict[str, Any]:
