@@ -34,8 +34,9 @@ Backends of ``packed_attention`` (``backend=``), all exact up to float rounding:
   6-13x today's padded call); on CUDA it reaches the fused flash / memory-efficient kernels (NOT RUN HERE).
 - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention / cuDNN varlen), when the installed
   torch has it (2.15 does). CUDA only, fp16/bf16, no bias, no dropout. NOT RUN HERE.
-- ``"auto"``: CPU -> ``"loop"`` (measured fastest, numbers in ``packed_attention``); CUDA -> ``"flex"`` when
-  importable and dropout is 0, else ``"padded"``.
+- ``"auto"``: CPU -> ``"loop"`` (measured fastest, numbers in ``packed_attention``); CUDA -> ``"padded"`` (the
+  fused SDPA kernel on the re-padded batch; the norms, projections and MLP still run packed). ``"flex"`` is
+  opt-in until its compile-per-token-count behaviour is measured on a GPU (none was lent to this work).
 
 Every availability check is done at call time (``available_backends``), so importing this module never
 needs CUDA, flex attention, nested tensors or varlen.
@@ -429,7 +430,8 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackLayout | Packe
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, key_bias) if t is not None)
     usable = available_backends(q.device, grad, key_bias is not None, dropout_p > 0)
     if backend == "auto":
-        backend = "flex" if q.is_cuda and "flex" in usable else "padded" if q.is_cuda else "loop"
+        # CUDA: the fused padded kernel until flex's recompiles per token count are measured on a GPU
+        backend = "padded" if q.is_cuda else "loop"
     if backend not in usable:
         raise ValueError(f"packed attention backend {backend!r} cannot serve this call (device {q.device.type}, "
                          f"grad {grad}, bias {key_bias is not None}, dropout {dropout_p}); usable: {list(usable)}")

@@ -40,15 +40,18 @@ _LIVE_COLOR = (0.86, 0.86, 0.86)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def load_image(path: str | Path, crop_size: tuple[int, int]) -> tuple[Tensor, np.ndarray]:
+def load_image(path: str | Path, crop_size: tuple[int, int], mean: tuple[float, float, float] | None = None,
+               std: tuple[float, float, float] | None = None) -> tuple[Tensor, np.ndarray]:
     """Reads an image and resizes it to the network input, as evaluation does (bilinear).
 
     Args:
         path: an RGB image file (PNG, JPEG, WebP, ...).
         crop_size: ``(H, W)`` px of the network input.
+        mean / std: per-channel normalisation on [0, 1] pixels (``tokred.config.input_normalization``);
+            default ImageNet's.
 
     Returns:
-        ``(image [1, 3, H, W] ImageNet-normalised float32, rgb [H, W, 3] uint8)``.
+        ``(image [1, 3, H, W] normalised float32, rgb [H, W, 3] uint8)``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -64,9 +67,9 @@ def load_image(path: str | Path, crop_size: tuple[int, int]) -> tuple[Tensor, np
     with Image.open(path) as im:
         rgb = np.array(im.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.uint8)  # [H, W, 3]
     x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)  # [3, H, W] in [0, 1]
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((x - mean) / std)[None], rgb
+    m = torch.tensor(IMAGENET_MEAN if mean is None else mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(IMAGENET_STD if std is None else std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - m) / s)[None], rgb
 
 
 def find_label(image_path: str | Path) -> Path | None:

@@ -2,6 +2,8 @@
 measured side by side (interleaved repeats) in one process, written to ``bench.output_dir/<name>/``.
 
 ``bench.reference=none`` compares with the unreduced pipeline (speedup, GFLOPs ratio, efficiency);
+``bench.reference=padded`` times the configuration with ``encoder.layout=packed`` against the same model padded
+(what the packed layout alone buys; ``padding_waste`` in metrics.json: largest / mean live tokens per block);
 ``bench.reference=timm`` compares tokred's encoder loop with timm's own ``forward_features`` (the overhead of
 the loop; run it with ``merger=none pruner=none``).
 """
@@ -62,8 +64,8 @@ def _subjects(cfg: DictConfig, model, images: torch.Tensor, crop: tuple[int, int
     from tokred.measure import analytic_vit_gflops, count_gflops
 
     b = cfg.bench
-    if b.reference not in ("none", "timm"):
-        raise ValueError(f"bench.reference must be 'none' or 'timm', got {b.reference!r}")
+    if b.reference not in ("none", "timm", "padded"):
+        raise ValueError(f"bench.reference must be 'none', 'timm' or 'padded', got {b.reference!r}")
     if b.reference == "timm" and method_name(cfg) != "none":
         raise ValueError("bench.reference=timm measures tokred's loop overhead; use merger=none pruner=none")
     n_flops = int(b.flops_images)
@@ -77,6 +79,14 @@ def _subjects(cfg: DictConfig, model, images: torch.Tensor, crop: tuple[int, int
                 enc.embed_dim, enc.depth, h0 * w0 + enc.num_prefix_tokens, mlp_ratio=mlp_ratio,
                 patch_size=enc.patch_size[0], num_patches=h0 * w0)
         return _TokredEncoder(model.encoder), _TimmEncoder(model.encoder.vit), gflops, None
+    if b.reference == "padded":  # the same model, packed against padded: what the layout alone buys
+        import copy
+
+        reference = copy.deepcopy(model)
+        model.encoder.layout, reference.encoder.layout = "packed", "padded"
+        if gflops is not None:  # per image, without padding: the same for both layouts
+            gflops["baseline_gflops"], gflops["gflops_ratio"] = gflops["gflops"], 1.0
+        return model, reference, gflops, gflops
     reference = baseline_like(cfg, model)
     base_gflops = count_gflops(reference, images[:1]) if gflops is not None else None
     if gflops is not None:
@@ -96,6 +106,16 @@ def _token_summary(model, images: torch.Tensor) -> dict[str, Any] | None:
         for img in images.split(1):
             acct.update(model(img).state)
     return acct.summary()
+
+
+def _padding_waste(model, images: torch.Tensor) -> float | None:
+    """Mean over blocks of (largest / mean) live tokens per image in one batch of ``images``: the factor by
+    which the padded layout inflates the work of that batch (1.0: equal counts)."""
+    if not hasattr(model, "encoder") or len(images) == 0:
+        return None
+    with torch.inference_mode():
+        counts = torch.stack([t.float() for t in model(images).state.tokens_per_block])  # [depth, B]
+    return float((counts.max(1).values / counts.mean(1).clamp_min(1e-9)).mean())
 
 
 def _table(cfg: DictConfig, gflops, base_gflops, tokens, throughput) -> list[list[str]]:
@@ -161,6 +181,7 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
         throughput=throughput, tokens=tokens,
         extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
+               "layout": model.encoder.layout, "padding_waste": _padding_waste(subject, images[: int(b.batch_size)]),
                "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
                "reference_images_per_second": throughput["baseline"]["images_per_second"]})
     h, w = crop

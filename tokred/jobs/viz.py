@@ -52,7 +52,10 @@ def viz_job(cfg: DictConfig) -> Path:
     if cfg.checkpoint:
         load_segmentation_checkpoint(seg, cfg.checkpoint, str(cfg.get("checkpoint_format", "auto")))
     seg = seg.to(device)
-    image, rgb = load_image(image_path, crop)
+    from tokred.config import input_normalization
+
+    norm = input_normalization(cfg)  # the weights' mean/std, as evaluation uses
+    image, rgb = load_image(image_path, crop, tuple(norm.mean), tuple(norm.std))
     label_path = Path(label_opt) if label_opt else find_label(image_path)
     target = None if label_path is None else load_label(label_path, str(cfg.dataset.name), crop).to(device)
     if label_path is not None:
