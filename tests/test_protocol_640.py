@@ -125,3 +125,14 @@ def test_an_unknown_variant_fails_at_model_build_before_any_run_folder():
 
     with pytest.raises(ValueError, match="dataset.protocol='600x600' unknown for dataset 'ade20k'"):
         build_model_from_config(_compose("dataset=ade20k", "model=test_vit", "dataset.protocol=600x600"))
+
+
+def test_camvid_native_slide_protocol_has_four_windows():
+    from tokred.data.build import eval_inference
+
+    s = eval_inference("camvid", "protocol", None, "whole", None, "slide")
+    assert (s.mode, s.crop, s.stride) == ("slide", (240, 320), (120, 160))
+    rows = (360 - 240) // 120 + 1
+    cols = (480 - 320) // 160 + 1
+    assert rows * cols == 4
+    assert eval_inference("camvid", "protocol").mode == "whole"

@@ -90,12 +90,16 @@ def camvid_files(root: Path, split: str) -> list[tuple[Path, Path]]:
 
 # Native resolution, one forward per image (360 px is padded to 368 px for patch_size 16 and cropped back).
 _PIPELINE = TestPipeline(resize="none", mode="whole")
+# Native resolution, 240x320 windows every 120x160 px (2 x 2 = 4 overlapping windows, logits averaged).
+_SLIDE = TestPipeline(resize="none", mode="slide", crop=(240, 320), stride=(120, 160))
+_PROTOCOLS = {"360x480": _PIPELINE, "slide": _SLIDE}  # dataset.protocol=360x480 (default) | slide
 
 CAMVID = DatasetSpec(
     name="camvid", num_classes=11, class_names=CAMVID_CLASSES, palette=CAMVID_PALETTE, layout=LAYOUT,
-    files=camvid_files, splits=_SPLITS, eval_split="test", lut=_LUT, test_pipeline=_PIPELINE, citation=_CITATION)
+    files=camvid_files, splits=_SPLITS, eval_split="test", lut=_LUT, test_pipeline=_PIPELINE,
+    protocols=_PROTOCOLS, citation=_CITATION)
 
 CAMVID_SAMPLE = DatasetSpec(
     name="camvid_sample", num_classes=11, class_names=CAMVID_CLASSES, palette=CAMVID_PALETTE, layout=LAYOUT,
     files=camvid_files, splits=("train", "val"), eval_split="val", lut=_LUT, test_pipeline=_PIPELINE,
-    default_root=Path(__file__).resolve().parent / "camvid_sample", citation=_CITATION)
+    protocols=_PROTOCOLS, default_root=Path(__file__).resolve().parent / "camvid_sample", citation=_CITATION)
