@@ -15,6 +15,7 @@ import pytest
 
 OVERRIDES = ["experiment=smoke", "merger=dcts", "merger.policy=oracle", "merger.levels=[2,4,8]",
              "merger.thresholds=[0.5,0.5,0.5]", "pruner=early_exit", "pruner.threshold=0.05", "pruner.top_k=1",
+             "pruner.target_accuracy=null", "merger.target_precision=null",
              "dataset.crop_size=[128,160]", "dataset.base_size=[128,160]", "preflight.check=off"]
 QUICK = ["analyze.p0_sweep=[]", "analyze.tau_sweep=[]", "analyze.gallery=[]", "analyze.flops_images=0"]
 

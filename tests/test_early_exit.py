@@ -94,8 +94,8 @@ def test_registry_defaults_and_config():
     assert ee.exit_blocks == default_exit_blocks(DEPTH) == [1, 3]  # 0-based: blocks[1], blocks[3]
     assert ee.threshold == default_threshold(DEPTH) == 0.9
     assert len(ee.heads) == 2
-    assert ee.extra_config() == {"exit_blocks": [1, 3], "threshold": 0.9, "top_k": 5, "head": "linear",
-                                 "aux_weight": 1.0, "halting": True}
+    assert ee.extra_config() == {"exit_blocks": [1, 3], "threshold": 0.9, "top_k": 5, "target_accuracy": None,
+                                 "head": "linear", "aux_weight": 1.0, "halting": True}
     assert default_exit_blocks(24) == [7, 15] and default_threshold(24) == 0.95
     assert default_exit_blocks(12) == [5, 7] and default_threshold(12) == 0.9
 

@@ -181,7 +181,7 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
         throughput=throughput, tokens=tokens,
         extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
-               "layout": model.encoder.layout, "padding_waste": _padding_waste(subject, images[: int(b.batch_size)]),
+               "layout": model.encoder.layout, "padding_waste": _padding_waste(model, images[: int(b.batch_size)]),
                "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
                "reference_images_per_second": throughput["baseline"]["images_per_second"]})
     h, w = crop

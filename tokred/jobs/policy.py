@@ -82,8 +82,16 @@ def train_policy_job(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     levels = list(kwargs.get("levels") or [2])
     policy = build_policy(levels, int(cfg.model.patch_size), policy_backbone(cfg, kwargs))
     thresholds = kwargs.get("thresholds")
-    res = train_policy(build_datasets(cfg, train=True), build_datasets(cfg, train=False, split=cfg.policy.val_split),
-                       policy, int(cfg.policy.epochs), lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size),
+    train_ds = build_datasets(cfg, train=True)
+    epochs = int(cfg.policy.epochs)
+    min_steps = int(cfg.policy.get("min_steps") or 0)
+    per_epoch = -(-len(train_ds) // int(cfg.policy.batch_size))
+    if min_steps and epochs * per_epoch < min_steps:  # small sets (the embedded sample): train by steps
+        epochs = -(-min_steps // per_epoch)
+        log.info("policy: %d images give %d steps per epoch; training %d epochs (policy.min_steps=%d)",
+                 len(train_ds), per_epoch, epochs, min_steps)
+    res = train_policy(train_ds, build_datasets(cfg, train=False, split=cfg.policy.val_split),
+                       policy, epochs, lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size),
                        device=device, out_path=out, thresholds=thresholds, num_workers=int(cfg.train.num_workers),
                        max_steps=cfg.policy.max_steps, seed=int(cfg.seed))
     if not quiet:  # the policy stage of run logs its summary instead (run.log)

@@ -286,6 +286,11 @@ def _run_in_dir(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
     model.set_progress(1.0)  # everything after training sees the trained budget, not a warm-up fraction
     if not is_main_process():
         return {}
+    from tokred.jobs.calibrate import calibrate_exit_threshold
+
+    calibration = calibrate_exit_threshold(cfg, model, device)  # pruner.target_accuracy -> p0
+    if calibration is not None:
+        extra["exit_calibration"] = calibration
     measured = _evaluate_and_measure(cfg, model, device)
     metrics = _assemble_metrics(cfg, model, measured, extra)
     write_metrics(run_dir / "metrics.json", metrics)
@@ -307,5 +312,11 @@ def _analyze_hint(cfg: DictConfig, run_dir: Path, model: Segmenter) -> str | Non
 
     keep = job_overrides(("resume=", "run_name=", "output_dir=", "existing_run=", "train.", "+train.",
                           "checkpoint=", "init_from=", "eval.bench", "policy."))
+    # what the run resolved on its own: the fitted policy file and the calibrated exit threshold
+    for slot, r in zip(("merger", "pruner"), model.reducers):
+        if getattr(r, "policy_checkpoint", None):
+            keep.append(f"{slot}.policy_checkpoint={r.policy_checkpoint}")
+        if getattr(r, "target_accuracy", None) is not None:
+            keep += [f"{slot}.threshold={r.threshold}", f"{slot}.target_accuracy=null"]
     return " ".join(shlex.quote(w) for w in ["python", "-m", "tokred", "analyze", *keep,
                                              f"checkpoint={run_dir / 'last.pth'}"])

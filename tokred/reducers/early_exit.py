@@ -232,6 +232,11 @@ class EarlyExit(Pruner):
         head: ``"linear"`` (LayerNorm + Linear per token, default) or ``"atm"`` (one attention-to-mask layer).
         aux_weight: weight of each exit head's cross-entropy, ``>= 0``.
         halting: False disables halting whatever the threshold (base-model training).
+        target_accuracy: when set, ``python -m tokred run``/``eval`` replace ``threshold`` after training by the
+            lowest ``p0`` at which the exit heads' predictions on the cells above it reach this accuracy on the
+            training split (``tokred.jobs.calibrate.calibrate_exit_threshold``; the training split because the
+            embedded sample has no split besides the evaluation one; an under-trained head gets ``p0 = 1``,
+            no halting). A tokred addition: STEP and DToP fix ``p0`` by hand.
 
     Raises:
         ValueError: a negative exit block or not strictly increasing (``exit_blocks``), a threshold outside
@@ -242,8 +247,14 @@ class EarlyExit(Pruner):
     kind: ClassVar[str] = "pruner"
 
     def __init__(self, exit_blocks: Sequence[int] | None = None, threshold: float | None = None, top_k: int = 5,
-                 head: str = "linear", aux_weight: float = 1.0, halting: bool = True) -> None:
+                 head: str = "linear", aux_weight: float = 1.0, halting: bool = True,
+                 target_accuracy: float | None = None) -> None:
         super().__init__()
+        if target_accuracy is not None and not 0.0 < float(target_accuracy) <= 1.0:
+            raise ValueError(f"target_accuracy must be in (0, 1] (accuracy of the cells that would halt) or null, "
+                             f"got {target_accuracy}")
+        #: calibrate ``threshold`` after training so halted cells reach this accuracy (tokred.jobs.calibrate)
+        self.target_accuracy = None if target_accuracy is None else float(target_accuracy)
         if exit_blocks is not None:
             exit_blocks = list(exit_blocks)
             if not exit_blocks:
@@ -315,6 +326,7 @@ class EarlyExit(Pruner):
 
     def extra_config(self) -> dict[str, Any]:
         return {"exit_blocks": self.exit_blocks, "threshold": self.threshold, "top_k": self.top_k,
+                "target_accuracy": self.target_accuracy,
                 "head": self.head, "aux_weight": self.aux_weight, "halting": self.halting}
 
     def on_block(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
