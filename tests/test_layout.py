@@ -110,3 +110,6 @@ def test_policy_cache_path_naming(tmp_path):
     assert policy_cache_path("camvid", (384, 512), "efficientnet_lite0", [2, 4]) == Path(
         "results/cache/policy/camvid_384x512_efficientnet_lite0_L2-4.safetensors")
     assert policy_cache_path("ade20k", [64, 96], "b", (2,), root=tmp_path).parent == tmp_path
+    # other input statistics are another policy file; ImageNet's keep the plain name
+    named = {n: policy_cache_path("camvid", (64, 96), "b", [2], normalization=n).name for n in ("vit", "imagenet")}
+    assert named == {"vit": "camvid_64x96_b_L2_vit.safetensors", "imagenet": "camvid_64x96_b_L2.safetensors"}

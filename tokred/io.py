@@ -149,7 +149,7 @@ def eval_mode(model: Any) -> Iterator[Any]:
 
 
 def policy_cache_path(dataset: str, crop_hw: Sequence[int], policy_backbone: str, levels: Sequence[int],
-                      root: str | Path = POLICY_CACHE_DIR) -> Path:
+                      root: str | Path = POLICY_CACHE_DIR, normalization: str | None = None) -> Path:
     """Where the trained policy network for a data set, crop, policy backbone and levels lives.
 
     Args:
@@ -158,10 +158,14 @@ def policy_cache_path(dataset: str, crop_hw: Sequence[int], policy_backbone: str
         policy_backbone: the policy network's backbone name (``dCTS`` ``policy_backbone``).
         levels: superpatch levels (e.g. ``[2]`` for 2x2 windows).
         root: the cache folder (``results/cache/policy``; the ablation grid uses ``<protocol>/policy``).
+        normalization: the input normalisation's name when it is not ImageNet's (a policy trained on other
+            input statistics is another file).
 
     Returns:
-        ``root/<dataset>_<H>x<W>_<policy_backbone>_L<levels joined by ->.safetensors``.
+        ``root/<dataset>_<H>x<W>_<policy_backbone>_L<levels joined by ->[_<normalization>].safetensors``.
     """
     h, w = (int(v) for v in crop_hw)
     tag = "-".join(str(int(v)) for v in levels)
-    return Path(root) / f"{dataset}_{h}x{w}_{policy_backbone}_L{tag}.safetensors"
+    norm = "" if normalization in (None, "imagenet", "deit") else "_" + "".join(
+        c if c.isalnum() or c in "-." else "-" for c in str(normalization))
+    return Path(root) / f"{dataset}_{h}x{w}_{policy_backbone}_L{tag}{norm}.safetensors"

@@ -54,8 +54,10 @@ def policy_path(cfg: DictConfig, kwargs: dict[str, Any]) -> Path:
     """``policy.out``, else the shared cache file for this data set, crop, policy backbone and levels."""
     if cfg.policy.out:
         return Path(cfg.policy.out)
+    from tokred.config import input_normalization
+
     return policy_cache_path(str(cfg.dataset.name), tuple(cfg.dataset.crop_size), policy_backbone(cfg, kwargs),
-                             list(kwargs.get("levels") or [2]))
+                             list(kwargs.get("levels") or [2]), normalization=input_normalization(cfg).name)
 
 
 def train_policy_job(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
