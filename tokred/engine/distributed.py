@@ -12,7 +12,12 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "is_main_process", "local_device", "rank", "world_size"]
+__all__ = ["env_rank", "init_distributed", "is_main_process", "local_device", "rank", "world_size"]
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``), readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from tokred.config import (baseline_like, build_datasets, build_model_from_confi
                            seed_everything, spread_indices, test_pipeline)
 from tokred.engine.checkpoint import load_checkpoint
 from tokred.models.checkpoints import load_segmentation_checkpoint, load_state_dict_checked
-from tokred.engine.distributed import init_distributed, is_main_process, local_device, world_size
+from tokred.engine.distributed import env_rank, init_distributed, is_main_process, local_device, world_size
 from tokred.engine.train import TrainingInterrupted
 from tokred.io import eval_mode, new_run_dir
 from tokred.jobs.policy import ensure_policy
@@ -184,11 +183,6 @@ def _skip_or_resume(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def _env_rank() -> int:
-    """This process's rank as torchrun set it (readable before the process group exists)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def _agree_on_run_dir(run_dir: Path | None) -> Path:
     """Rank 0's run folder, on every rank (``resume=true`` under torchrun loads the same ``last.pth``)."""
     if world_size() <= 1:
@@ -231,7 +225,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         done = _skip_or_resume(cfg)
         if done is not None:
             return done
-    main = _env_rank() == 0
+    main = env_rank() == 0
     if cfg.resume:
         found = fitting_slot(cfg)
         check_resume(cfg, named_run_dir(cfg), None if found is None else (found[0], found[2]))

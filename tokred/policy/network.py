@@ -43,9 +43,9 @@ _FEATURE_STRIDE = 32  # px per cell of the features the heads read (= one level-
 
 
 #: ``policy_backbone="auto"``: the policy CNN sized to the ViT it serves, ``(max embed_dim, timm CNN)``. At
-#: 384x512 px: mobilenetv3_small_050 0.096 GFLOPs (fvcore), efficientnet_lite0 1.48 GFLOPs, against about
-#: 4.7 (ViT-T) / 17.6 (ViT-S) / 67 (ViT-B) GFLOPs of the unreduced encoder, so dCTS can pay for itself on
-#: ViT-T/S too.
+#: 384x512 px: mobilenetv3_small_050 0.096 GFLOPs (fvcore), efficientnet_lite0 1.478 GFLOPs, against 6.92
+#: (ViT-T) / 22.01 (ViT-S) / 76.67 (ViT-B) GFLOPs of the unreduced encoder (analytic), so dCTS can pay for
+#: itself on ViT-T/S too (``uv run --frozen python results/scripts/policy_gflops.py``).
 AUTO_POLICY_BACKBONES: tuple[tuple[int, str], ...] = ((384, "mobilenetv3_small_050"), (10**9, "efficientnet_lite0"))
 
 
