@@ -1,4 +1,5 @@
-"""nox sessions: ``nox -s tests``, ``nox -s bench``, ``nox -s ablations`` (uv-backed, from uv.lock).
+"""nox sessions: ``nox -s tests``, ``nox -s bench``, ``nox -s ablations``, ``nox -s gpu_dry_run`` (uv-backed,
+from uv.lock).
 
 ``tests`` builds its own virtualenv from the lock; ``bench`` and ``ablations`` run in the project's locked
 environment (``uv sync --frozen`` into ``.venv``, then ``uv run --frozen``), so plugins installed there (e.g.
@@ -76,3 +77,12 @@ def ablations(session: nox.Session) -> None:
     args = list(session.posargs)
     grid = args.pop(0) if args and "=" not in args[0] else "camvid_cpu"
     _tokred(session, "ablate", f"grid={grid}", *args)
+
+
+@nox.session(venv_backend="none")
+def gpu_dry_run(session: nox.Session) -> None:
+    """results/scripts/gpu_grid.sh --dry-run through its test (CPU, tiny settings, about 2 minutes): run it
+    before any GPU time is spent; the full dry run is ``bash results/scripts/gpu_grid.sh --dry-run``."""
+    _project_env(session)
+    session.run("uv", "run", "--frozen", "pytest", "-q", "tests/test_gpu_script.py", *session.posargs,
+                external=True, env={"TOKRED_GPU_DRY_RUN": "1", **os.environ})

@@ -57,7 +57,7 @@ def test_import_tokred_is_lazy():
 def test_every_command_names_an_importable_job():
     from tokred.__main__ import JOBS, _load
 
-    assert set(JOBS) == {"run", "eval", "bench", "train-policy", "ablate", "viz", "analyze"}
+    assert set(JOBS) == {"run", "eval", "bench", "train-policy", "ablate", "viz", "analyze", "sweep"}
     for command, target in JOBS.items():
         assert callable(_load(target)), command
 

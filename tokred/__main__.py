@@ -13,6 +13,7 @@ Commands:
     ablate        the apples-to-apples grid: grid=camvid_cpu (configs/grid/); results/ablations/<protocol>/
     viz           token-fate picture of one image: viz.image=PATH [viz.out=PNG] [checkpoint=PATH]
     analyze       "where do tokens go" over a split: checkpoint=PATH merger=dcts pruner=early_exit [analyze.out=DIR]
+    sweep         training-free sweeps on a grid's trained runs: grid=NAME [sweep.only=[...]] [eval.max_items=N]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ JOBS: dict[str, str] = {
     "ablate": "tokred.ablations.runner:ablate_job",
     "viz": "tokred.jobs.viz:viz_job",
     "analyze": "tokred.jobs.analyze:analyze_job",
+    "sweep": "tokred.ablations.sweeps:sweep_job",
 }
 
 

@@ -24,15 +24,18 @@ from tokred.backbones import BackboneAdapter, adapter_for
 from tokred.reducers.base import Reducer
 from tokred.state import TokenState
 
-__all__ = ["AUTO_MIN_PADDING_WASTE", "EmbedContext", "Encoder", "LAYOUTS", "attention"]
+__all__ = ["AUTO_MIN_MEAN_TOKENS", "AUTO_MIN_PADDING_WASTE", "EmbedContext", "Encoder", "LAYOUTS", "attention"]
 
 #: Values of ``Encoder(layout=...)`` / ``encoder.layout``.
 LAYOUTS: tuple[str, ...] = ("padded", "packed", "auto")
 #: ``layout="auto"`` packs a block only when the padded slots inflate its tokens by at least this factor
-#: (slots / live tokens). Measured (results/bench/packed_vs_padded, ViT-B/16 1024x1024 batch 8, 2 CPU threads):
-#: at a padding waste of 1.11-1.14 forced packing ran 1.01x / 0.97x / 1.01x the padded speed; the attention
-#: and linear kernels alone reach 0.34x / 0.46x the padded time at a waste of 2.0 (tokred/packing.py).
-AUTO_MIN_PADDING_WASTE = 1.25
+#: (slots / live tokens) and the images hold ``AUTO_MIN_MEAN_TOKENS`` live tokens or more on average. Measured
+#: (ViT-B/16 1024x1024, batch 8, fp32, 2 CPU threads): trained dCTS policy / early exit / STEP with hundreds of
+#: tokens per image at a waste of 1.09-1.11 ran 1.07x / 1.08x / 1.08x packed (results/bench/layouts_vit-base_1024_b8);
+#: untrained exit heads at p0 0.05 that left about 55 tokens per image ran 0.97x at a waste of 1.13
+#: (results/bench/packed_vs_padded): below a few hundred tokens the per-image kernels' launch cost wins.
+AUTO_MIN_PADDING_WASTE = 1.05
+AUTO_MIN_MEAN_TOKENS = 128
 
 
 def attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -71,7 +74,8 @@ class Encoder(nn.Module):
             the batch's largest count, padding masked in attention), ``"packed"`` (the live tokens of all images
             concatenated, ``tokred.packing``: norms, qkv, projections and MLP on real tokens only, attention
             block-diagonal per image with the per-key bias kept) or ``"auto"`` (packed when the padding would
-            inflate the block's tokens by ``AUTO_MIN_PADDING_WASTE`` or more and the adapter supports it).
+            inflate the block's tokens by ``AUTO_MIN_PADDING_WASTE`` or more, the images hold
+            ``AUTO_MIN_MEAN_TOKENS`` live tokens or more on average and the adapter supports it).
             Reducers always see padded ``[B, N, C]`` tensors: the encoder packs inside each block and unpacks
             before every hook, so every reducer works unchanged. Packed is not
             used in training with active drop path (timm's DropPath would draw per token, not per image).
@@ -268,6 +272,8 @@ class Encoder(nn.Module):
         if self.layout == "auto":
             n_live = int(state.valid.sum())
             if n_live * AUTO_MIN_PADDING_WASTE > state.valid.numel():  # little padding: packing would not pay
+                return None
+            if n_live < AUTO_MIN_MEAN_TOKENS * state.valid.shape[0]:  # few tokens: per-image kernels cost more
                 return None
         from tokred.packing import layout_from_valid
 

@@ -3,7 +3,9 @@
 A *grid* (``configs/grid/<name>.yaml``) is a protocol plus cells:
 
 * the protocol: a name (``camvid_vit-tiny_384x512``), the Hydra overrides that define it (dataset, backbone,
-  crop, measurement settings), ``baseline_epochs``, ``finetune_epochs`` and ``seeds``;
+  crop, measurement settings), ``baseline_epochs``, ``finetune_epochs``, ``finetune_overrides`` (the fine-tune
+  schedule every finetune cell shares, e.g. a lower ``train.lr`` without warm-up; recorded in the identity
+  only when non-empty) and ``seeds``;
 * ``execution`` overrides that say where it runs (data root, device, workers), not part of the protocol;
 * cells: a name, the overrides that switch its reducers on, a budget description, a ``mode``
   (``finetune``: trained ``finetune_epochs`` from the baseline checkpoint; ``off_the_shelf``: the baseline
@@ -24,7 +26,11 @@ The job (methods.md Sec. 8 for the measurement conventions):
 4. runs every remaining cell through ONE Hydra multirun of ``python -m tokred run`` (``existing_run=
    skip_or_resume``: finished runs are skipped, interrupted ones resume), so a launcher such as
    ``hydra/launcher=submitit_slurm`` runs the same grid on a cluster;
-5. aggregates ``summary.csv``, ``summary.md`` and the plots (``summarize``, ``write_summary``).
+5. aggregates ``summary.csv``, ``summary.md`` and the plots (``summarize``, ``write_summary``): medians over
+   seeds, their spread, and per-seed paired differences to the reference cell (``exceeds_spread``).
+
+``python -m tokred sweep grid=<name>`` (``tokred.ablations.sweeps``) then evaluates the trained runs at other
+budgets without retraining (ToMe r, dCTS tau, early-exit p0, Cropr r) into ``<protocol dir>/sweeps/``.
 
 Each cell becomes a generated experiment file ``<protocol dir>/configs/experiment/ablation/<cell>.yaml``
 (``# @package _global_``) holding everything cell-specific (reducers, ``run_name``, epochs, ``init_from``),
@@ -40,7 +46,8 @@ each code version with the runs that finished under it; see ``tokred.ablations.p
 ``miou_vs_images_per_second.png``, ``tokens_per_block.png``.
 
 Modules: ``grid`` (specs, generated cell configs), ``protocol`` (data fingerprint, code version and their
-checks), ``runner`` (validation, protocol, stages), ``summary`` (aggregation), ``plots``.
+checks), ``runner`` (validation, protocol, stages), ``summary`` (aggregation), ``plots``, ``sweeps`` and
+``sweep_plots`` (training-free sweeps).
 """
 
 from tokred.ablations.grid import BASELINE_CELL, Cell, Grid, load_grid

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from tokred.config import config_dir
 from tokred.io import atomic_write
 
-__all__ = ["BASELINE_CELL", "Cell", "EXECUTION_KEYS", "Grid", "RESERVED_KEYS", "cell_run_name", "hydra_value",
-           "key_of", "load_grid", "matches", "protocol_identity", "read_protocol", "searchpath", "write_cell_configs"]
+__all__ = ["BASELINE_CELL", "Cell", "EXECUTION_KEYS", "Grid", "OPTIONAL_IDENTITY_KEYS", "RESERVED_KEYS",
+           "cell_run_name", "check_finetune_overrides", "hydra_value", "identity_differences", "key_of", "load_grid",
+           "matches", "protocol_identity", "read_protocol", "searchpath", "write_cell_configs"]
 
 #: Name of the cell trained from scratch that every other cell starts from.
 BASELINE_CELL = "baseline"
@@ -63,6 +64,11 @@ class Grid:
         execution: Hydra overrides that say where it runs (data root, device, workers).
         baseline_epochs: epochs of the baseline trained from scratch (>= 1).
         finetune_epochs: epochs every fine-tune cell trains from the baseline checkpoint (>= 1).
+        finetune_overrides: Hydra overrides applied to every fine-tune cell (the unreduced ``none`` included),
+            not to the baseline nor to off-the-shelf cells: the fine-tune schedule, e.g. ``("train.lr=5.0e-5",
+            "train.warmup_iters=0")`` so that a converged baseline is not restarted at the full learning rate.
+            Part of the protocol identity (``protocol_identity``; empty = absent, as in records written before
+            the key existed).
         seeds: seeds; every cell runs once per seed (fine-tune seed k starts from baseline seed k).
         reference: the fine-tune cell that delta mIoU is measured against (normally ``none``).
         cells: the cells, in table order (the baseline is implicit).
@@ -83,6 +89,7 @@ class Grid:
     cells: tuple[Cell, ...]
     name: str = ""
     allow_code_change: bool = False
+    finetune_overrides: tuple[str, ...] = ()
 
     @property
     def protocol_dir(self) -> Path:
@@ -94,8 +101,10 @@ class Grid:
 
         Raises:
             ValueError: a missing or malformed field, a bad cell or protocol name, duplicate or reserved cell
-                names, an unknown mode, a ``reference`` that is not a fine-tune cell, or an ``allow_code_change``
-                that is not a boolean.
+                names, an unknown mode, a ``reference`` that is not a fine-tune cell, an ``allow_code_change``
+                that is not a boolean, or ``finetune_overrides`` that are not a list of overrides, hold a sweep or a
+                deletion, set a key the grid sets per cell (``RESERVED_KEYS``), select a reducer, or set a key a
+                fine-tune cell sets too.
         """
         where = f"grid {name!r}" if name else "grid"
         if isinstance(spec, DictConfig):
@@ -140,12 +149,43 @@ class Grid:
         if baseline_epochs < 1 or finetune_epochs < 1:
             raise ValueError(f"{where}: baseline_epochs ({baseline_epochs}) and finetune_epochs ({finetune_epochs}) "
                              "must be >= 1")
+        finetune_overrides = _str_tuple(spec.get("finetune_overrides"), f"{where}: finetune_overrides")
+        check_finetune_overrides(finetune_overrides, cells, where)
         return cls(protocol=protocol, root=Path(str(spec.get("root", "results/ablations"))),
                    overrides=_str_tuple(spec["overrides"], f"{where}: overrides"),
                    execution=_str_tuple(spec.get("execution"), f"{where}: execution"),
                    baseline_epochs=baseline_epochs, finetune_epochs=finetune_epochs, seeds=seeds,
                    reference=reference, cells=tuple(cells), name=name,
-                   allow_code_change=_bool(spec.get("allow_code_change", False), f"{where}: allow_code_change"))
+                   allow_code_change=_bool(spec.get("allow_code_change", False), f"{where}: allow_code_change"),
+                   finetune_overrides=finetune_overrides)
+
+
+_REDUCER_KEYS = ("merger", "pruner")
+
+
+def check_finetune_overrides(overrides: Sequence[str], cells: Sequence[Cell], where: str = "grid") -> None:
+    """Refuses ``finetune_overrides`` that cannot apply to every fine-tune cell alike.
+
+    Raises:
+        ValueError: an override Hydra cannot parse, a sweep or a deletion; a key the grid sets per cell
+            (``RESERVED_KEYS``: ``train.epochs`` is ``finetune_epochs``); a reducer selection or parameter
+            (``merger...``/``pruner...``: those belong in the cells); a key that a fine-tune cell overrides too.
+    """
+    what = f"{where}: finetune_overrides"
+    _parse(overrides, what)
+    keys = {key_of(o) for o in overrides}
+    for key in sorted(keys):
+        if matches(key, RESERVED_KEYS):
+            raise ValueError(f"{what} sets {key}, which the grid sets per cell; use baseline_epochs / "
+                             "finetune_epochs / seeds / cells instead")
+        if matches(key, _REDUCER_KEYS):
+            raise ValueError(f"{what} sets {key}: reducers and their parameters belong in the cells' overrides; "
+                             "finetune_overrides hold the fine-tune schedule (train.lr, train.warmup_iters, ...)")
+    for cell in cells:
+        clash = sorted(keys & {key_of(o) for o in cell.overrides}) if cell.mode == "finetune" else []
+        if clash:
+            raise ValueError(f"{where}: cell {cell.name!r} overrides {clash}, which finetune_overrides set for every "
+                             "fine-tune cell; remove the key from the cell or from finetune_overrides")
 
 
 def _str_tuple(value: Any, what: str) -> tuple[str, ...]:
@@ -224,12 +264,39 @@ def matches(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
+#: Identity keys added after protocols were first recorded: an absent or empty value is left out of the identity,
+#: so that records written before the key existed keep their identity.
+OPTIONAL_IDENTITY_KEYS = ("finetune_overrides",)
+
+
 def protocol_identity(grid: Grid, extra: Sequence[str]) -> dict[str, Any]:
     """What two invocations must share to write into the same protocol folder (besides the data fingerprint and
-    the code version that ``protocol.json`` records beside it: ``tokred.ablations.protocol``)."""
-    return {"protocol": grid.protocol, "overrides": list(grid.overrides),
-            "extra_overrides": [o for o in extra if not matches(key_of(o), EXECUTION_KEYS)],
-            "baseline_epochs": grid.baseline_epochs, "finetune_epochs": grid.finetune_epochs}
+    the code version that ``protocol.json`` records beside it: ``tokred.ablations.protocol``).
+
+    ``finetune_overrides`` joins the identity only when non-empty (``OPTIONAL_IDENTITY_KEYS``), so a grid
+    without them has exactly the identity recorded before the key existed."""
+    ident: dict[str, Any] = {"protocol": grid.protocol, "overrides": list(grid.overrides),
+                             "extra_overrides": [o for o in extra if not matches(key_of(o), EXECUTION_KEYS)],
+                             "baseline_epochs": grid.baseline_epochs, "finetune_epochs": grid.finetune_epochs}
+    if grid.finetune_overrides:
+        ident["finetune_overrides"] = list(grid.finetune_overrides)
+    return ident
+
+
+def identity_differences(recorded: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (recorded value, new value)}`` for every identity key that differs.
+
+    Compares the keys of ``identity`` plus ``OPTIONAL_IDENTITY_KEYS`` (an optional key recorded but now absent
+    differs too); for those, absent and empty are the same value.
+    """
+    diffs = {}
+    for k in dict.fromkeys([*identity, *OPTIONAL_IDENTITY_KEYS]):
+        old, new = recorded.get(k), identity.get(k)
+        if k in OPTIONAL_IDENTITY_KEYS:
+            old, new = old or None, new or None
+        if old != new:
+            diffs[k] = (old, new)
+    return diffs
 
 
 # ---------------------------------------------------------------------------------------------- cell configs
@@ -255,6 +322,12 @@ def _cell_config(grid: Grid, cell: Cell, runs_dir: Path, policy_out: str | None 
             defaults.append({f"override /{p.key.split('.')[0]}": p.value})
         else:
             OmegaConf.update(conf, p.key, p.value, force_add=True)
+    if cell.mode == "finetune":  # the protocol's fine-tune schedule (its keys never clash with the cell's own)
+        for p in _parse(grid.finetune_overrides, "finetune_overrides"):
+            if p.is_group:
+                defaults.append({f"override /{p.key}": p.value})
+            else:
+                OmegaConf.update(conf, p.key, p.value, force_add=True)
     body.update(OmegaConf.to_container(conf, resolve=False))  # type: ignore[arg-type]
     runs = str(runs_dir.resolve())
     baseline_ckpt = f"{runs}/{cell_run_name(BASELINE_CELL)}/last.pth"

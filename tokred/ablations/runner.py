@@ -24,8 +24,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from tokred.ablations.grid import (BASELINE_CELL, RESERVED_KEYS, Cell, Grid, hydra_value, key_of, matches,
-                                   protocol_identity, read_protocol, searchpath, write_cell_configs)
+from tokred.ablations.grid import (BASELINE_CELL, RESERVED_KEYS, Cell, Grid, check_finetune_overrides, hydra_value,
+                                   identity_differences, key_of, matches, protocol_identity, read_protocol,
+                                   searchpath, write_cell_configs)
 from tokred.ablations.protocol import (FINGERPRINT_CACHE_DIR, attribute_runs, check_provenance, code_version,
                                        data_fingerprint, stamp_record)
 from tokred.ablations.summary import summarize, write_summary
@@ -207,8 +208,7 @@ def _check_protocol(protocol_dir: Path, identity: Mapping[str, Any], cells: Sequ
             raise ValueError(f"{protocol_dir / 'runs'} holds runs but no protocol.json: they may belong to another "
                              "protocol; move them away or choose another grid.root")
         return
-    diffs = {k: (old.get("identity", {}).get(k), v) for k, v in identity.items()
-             if old.get("identity", {}).get(k) != v}
+    diffs = identity_differences(old.get("identity", {}), identity)
     if diffs:
         text = "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(f"{protocol_dir} holds runs of another protocol ({text}); use the recorded settings, "
@@ -348,8 +348,9 @@ def run_grid(grid: Grid, extra_overrides: Sequence[str] = (), hydra_overrides: S
 
 
 def _check_overrides(grid: Grid, extra_overrides: Sequence[str]) -> None:
-    """Refuses overrides of keys the grid sets per cell, cells that override protocol keys, and a root Hydra
-    overrides cannot carry.
+    """Refuses overrides of keys the grid sets per cell, cells that override protocol keys, finetune_overrides
+    that are malformed or share a key with the protocol or a fine-tune cell, and a root Hydra overrides cannot
+    carry.
 
     Raises:
         ValueError: names the override and the fix.
@@ -363,6 +364,11 @@ def _check_overrides(grid: Grid, extra_overrides: Sequence[str]) -> None:
             raise ValueError(f"grid {grid.name}: override {o!r} sets {key_of(o)}, which the grid sets per cell; "
                              "use baseline_epochs / finetune_epochs / seeds / cells")
     protocol_keys = {key_of(o) for o in (*grid.overrides, *grid.execution, *extra_overrides)}
+    check_finetune_overrides(grid.finetune_overrides, grid.cells, f"grid {grid.name}")
+    clash = sorted({key_of(o) for o in grid.finetune_overrides} & protocol_keys)
+    if clash:
+        raise ValueError(f"grid {grid.name}: finetune_overrides set {clash}, which the protocol overrides set for "
+                         "every run (baseline included); keep each key in one place")
     for cell in grid.cells:
         clash = sorted({key_of(o) for o in cell.overrides} & protocol_keys)
         if clash:

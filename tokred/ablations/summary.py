@@ -29,7 +29,8 @@ _NUMERIC = ("miou", "gflops", "gflops_ratio", "images_per_second", "speedup", "e
 SUMMARY_COLUMNS = ("cell", "method", "mode", "budget", "miou_pct", "miou_spread_pct", "delta_miou_pct", "gflops",
                    "gflops_ratio", "images_per_second", "speedup", "efficiency", "token_reduction", "halted_fraction",
                    "device", "precision", "batch_size", "seeds", "num_seeds", "train_seconds", "pareto_gflops",
-                   "pareto_images_per_second", "tokens_per_block")
+                   "pareto_images_per_second", "tokens_per_block", "paired_delta_pct", "paired_delta_min_pct",
+                   "paired_delta_max_pct", "paired_seeds", "exceeds_spread")
 
 
 def pareto_front(cost: Sequence[float], quality: Sequence[float], lower_cost_is_better: bool = True) -> np.ndarray:
@@ -76,16 +77,26 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
     Reads ``<protocol_dir>/runs/<cell>_seed<k>/metrics.json`` (``tokred.results.load_results``) and, when
     present, ``protocol.json`` (cell modes, budgets, order, reference cell). Numbers are medians over seeds;
     ``miou_spread_pct`` is max - min over seeds (0 with one seed). ``delta_miou_pct`` is in percentage points
-    against the reference cell (``none``). Pareto membership (mIoU vs GFLOPs, lower is better; mIoU vs im/s,
-    higher is better) is computed over the fine-tune cells only, so that every point on a front saw the same
-    training steps; the baseline and off-the-shelf rows are shown but never on a front.
+    against the reference cell (``none``): median of this cell minus median of the reference.
+
+    Paired comparison (every cell, off-the-shelf and baseline rows included): for each seed ``k`` both the cell
+    and the reference finished, the paired delta is ``mIoU(cell, seed k) - mIoU(reference, seed k)`` in pp.
+    ``paired_delta_pct`` is their median, ``paired_delta_min_pct`` / ``paired_delta_max_pct`` their range and
+    ``paired_seeds`` their number (0, deltas NaN, when no seed pairs). ``exceeds_spread`` is True only when
+    (1) at least 2 seeds are paired, (2) every paired delta has the same strict sign (all > 0 or all < 0) and
+    (3) ``|paired_delta_pct|`` is strictly larger than the reference cell's ``miou_spread_pct``; otherwise the
+    difference is within seed noise and must not be ranked on.
+
+    Pareto membership (mIoU vs GFLOPs, lower is better; mIoU vs im/s, higher is better) is computed over the
+    fine-tune cells only, so that every point on a front saw the same training steps; the baseline and off-the-shelf
+    rows are shown but never on a front.
 
     Args:
         protocol_dir: ``<root>/<protocol>``.
 
     Returns:
         A DataFrame with ``SUMMARY_COLUMNS`` (``tokens_per_block`` holds the per-block mean live tokens, median
-        over seeds, a list).
+        over seeds, a list; ``paired_seeds`` an int, ``exceeds_spread`` a bool).
 
     Raises:
         FileNotFoundError: no metrics.json under ``<protocol_dir>/runs``.
@@ -142,6 +153,9 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
         table["delta_miou_pct"] = np.nan
     else:
         table["delta_miou_pct"] = table["miou_pct"] - float(ref.iloc[0])
+    paired = _paired(raw, table, reference)
+    for col in paired.columns:
+        table[col] = paired[col].to_numpy()
     ft = (table["mode"] == "finetune").to_numpy()
     for name, col, lower in (("pareto_gflops", "gflops", True),
                              ("pareto_images_per_second", "images_per_second", False)):
@@ -150,6 +164,44 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
             mask[ft] = pareto_front(table.loc[ft, col], table.loc[ft, "miou_pct"], lower_cost_is_better=lower)
         table[name] = mask
     return table[list(SUMMARY_COLUMNS)]
+
+
+def _paired(raw: pd.DataFrame, table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Per-seed paired deltas of every cell against ``reference`` (rule: ``summarize``), aligned with ``table``."""
+    by_seed = {cell: {int(s): 100.0 * float(m) for s, m in zip(g["seed"], g["miou"])
+                      if s is not None and not pd.isna(s) and np.isfinite(m)}
+               for cell, g in raw.groupby("cell", sort=False)}
+    ref = by_seed.get(reference, {})
+    spread = table.loc[table["cell"] == reference, "miou_spread_pct"]
+    ref_spread = float(spread.iloc[0]) if not spread.empty else np.nan
+    rows = []
+    for cell in table["cell"]:
+        mine = by_seed.get(cell, {})
+        deltas = np.array([mine[s] - ref[s] for s in sorted(set(mine) & set(ref))], dtype=float)  # [S] pp
+        if deltas.size == 0:
+            rows.append({"paired_delta_pct": np.nan, "paired_delta_min_pct": np.nan, "paired_delta_max_pct": np.nan,
+                         "paired_seeds": 0, "exceeds_spread": False})
+            continue
+        med = float(np.median(deltas))
+        same_sign = bool((deltas > 0).all() or (deltas < 0).all())
+        exceeds = deltas.size >= 2 and same_sign and np.isfinite(ref_spread) and abs(med) > ref_spread
+        rows.append({"paired_delta_pct": med, "paired_delta_min_pct": float(deltas.min()),
+                     "paired_delta_max_pct": float(deltas.max()), "paired_seeds": int(deltas.size),
+                     "exceeds_spread": bool(exceeds)})
+    return pd.DataFrame(rows, index=table.index).astype({"paired_seeds": int, "exceeds_spread": bool})
+
+
+def _paired_text(r: Any, reference: str) -> tuple[str, str]:
+    """``(paired delta with its range and count, verdict)`` for summary.md."""
+    if r.paired_seeds == 0:
+        return "-", "no paired seed"
+    text = f"{_pp(r.paired_delta_pct, signed=True)} [{_pp(r.paired_delta_min_pct, signed=True)}, " \
+           f"{_pp(r.paired_delta_max_pct, signed=True)}] ({r.paired_seeds} seed{'s' if r.paired_seeds > 1 else ''})"
+    if r.cell == reference:
+        return text, "reference"
+    if r.paired_seeds < 2:
+        return text, "1 seed: no spread"
+    return text, "exceeds spread" if r.exceeds_spread else "within spread"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -200,23 +252,27 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
     hw = _hardware(runs)
     ident = proto.get("identity", {})
     invocations = proto.get("invocations", [])
-    headers = ["cell", "method", "mode", "budget", "mIoU (%)", "±", "Δ mIoU (pp)", "GFLOPs", "GFLOPs ratio", "im/s",
-               "speedup", "efficiency", "token red.", "halted", "device", "prec.", "batch", "seeds", "front"]
+    reference = proto.get("reference", "none")
+    headers = ["cell", "method", "mode", "budget", "mIoU (%)", "±", "Δ mIoU (pp)", "paired Δ (pp)", "vs spread",
+               "GFLOPs", "GFLOPs ratio", "speedup", "efficiency", "token red.", "halted", "device", "prec.", "batch",
+               "seeds", "front"]
     rows = []
     for r in table.itertuples(index=False):
         front = "".join(s for s, on in (("G", r.pareto_gflops), ("S", r.pareto_images_per_second)) if on)
         rows.append([r.cell, r.method, r.mode, r.budget, _pp(r.miou_pct), _pp(r.miou_spread_pct),
-                     _pp(r.delta_miou_pct, signed=True), _fmt(r.gflops), _fmt(r.gflops_ratio),
-                     _fmt(r.images_per_second),
-                     _fmt(r.speedup), _fmt(r.efficiency), _fmt(r.token_reduction), _fmt(r.halted_fraction),
-                     r.device, r.precision, _fmt(r.batch_size), r.seeds, front])
+                     _pp(r.delta_miou_pct, signed=True), *_paired_text(r, reference), _fmt(r.gflops),
+                     _fmt(r.gflops_ratio), _fmt(r.speedup), _fmt(r.efficiency), _fmt(r.token_reduction),
+                     _fmt(r.halted_fraction), r.device, r.precision, _fmt(r.batch_size), r.seeds, front])
     lines = [f"# Ablation grid `{protocol_dir.name}`", ""]
     if ident:
         lines += [f"Protocol overrides: `{' '.join(ident.get('overrides', []) + ident.get('extra_overrides', []))}`. "
                   f"The unreduced `baseline` trains {ident.get('baseline_epochs')} epochs from scratch; every "
                   f"finetune cell (the unreduced `none` included) trains {ident.get('finetune_epochs')} more epochs "
-                  "from the baseline checkpoint (`init_from`, reducer parameters from their init), so they all see "
-                  "the same steps; off_the_shelf cells evaluate the baseline checkpoint with the reducer on.", ""]
+                  "from the baseline checkpoint (`init_from`, reducer parameters from their init"
+                  + (f"; fine-tune overrides `{' '.join(ident['finetune_overrides'])}`"
+                     if ident.get("finetune_overrides") else "")
+                  + "), so they all see the same steps; off_the_shelf cells evaluate the baseline checkpoint with "
+                  "the reducer on.", ""]
     if invocations:
         lines += ["Commands (from protocol.json):", ""]
         lines += [f"- `{inv.get('command')}` ({inv.get('started_utc')}, {_hours(inv.get('wall_seconds'))})"
@@ -227,12 +283,20 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
               f"Wall time: training {_hours(train_total)} summed over runs (metrics.json train_seconds); "
               f"all `tokred ablate` invocations {_hours(proto.get('total_wall_seconds'))} (protocol.json).", "",
               tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
-              "mIoU and im/s are medians over seeds (± = max - min over seeds). Δ mIoU is against the "
-              f"`{proto.get('reference', 'none')}` cell. GFLOPs per image (fvcore, one multiply-add = one flop, mean "
+              "mIoU is the median over seeds (± = max - min over seeds). Δ mIoU is the difference of medians "
+              f"against the `{reference}` cell; paired Δ is the median over seeds k of (this cell's seed k - "
+              f"`{reference}` seed k) [min, max] over the paired seeds. vs spread: `exceeds spread` only when at "
+              f"least 2 seeds pair, every paired Δ has the same sign and |paired Δ| is larger than the `{reference}` "
+              "cell's spread (±); `within spread` differences are seed noise: rows keep the grid's order and are "
+              "not ranked on them. Absolute images/s depend on the machine's load when each run was measured, so "
+              "they are only in summary.csv; speedup and efficiency are measured side by side with the unreduced "
+              "model in the same process. GFLOPs per image (fvcore, one multiply-add = one flop, mean "
               "over eval images); GFLOPs ratio = unreduced / this; speedup = im/s over the unreduced model measured "
               "side by side in the same process; efficiency = speedup / GFLOPs ratio; token red. = N0 / tokens "
               "entering block 1; halted = fraction of tokens that left before the last block. front: on the Pareto "
-              "front of mIoU vs GFLOPs (G) or vs im/s (S), over finetune cells.", "",
+              "front of mIoU vs GFLOPs (G) or vs im/s (S), over finetune cells (medians, not "
+              "tested against the spread).",
+              "",
               "![mIoU vs GFLOPs](miou_vs_gflops.png)", "", "![mIoU vs im/s](miou_vs_images_per_second.png)", "",
               "![tokens per block](tokens_per_block.png)", ""]
     atomic_write(out["md"], "\n".join(lines))

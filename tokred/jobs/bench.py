@@ -6,6 +6,14 @@ measured side by side (interleaved repeats) in one process, written to ``bench.o
 (what the packed layout alone buys; ``padding_waste`` in metrics.json: largest / mean live tokens per block);
 ``bench.reference=timm`` compares tokred's encoder loop with timm's own ``forward_features`` (the overhead of
 the loop; run it with ``merger=none pruner=none``).
+
+``bench.layouts=[padded,packed]`` (with ``bench.reference=none``) times the configuration once per
+``encoder.layout`` and the unreduced model in one interleaved loop (ABC CBA ...; for ``none`` the padded copy
+is the reference), and writes one folder per layout, ``<name>_<layout>/metrics.json``, with the speedup, GFLOPs
+ratio and efficiency against the unreduced model and ``layout_speedup`` against the first layout.
+``bench.overheads=true`` adds the wall time of each reducer component (``tokred.measure.overheads``) as % of
+the unreduced forward, measured on the bench batch in the same process; ``bench.overheads=only`` measures just
+that (no throughput pair) into ``overheads_<method>_...``.
 """
 
 from __future__ import annotations
@@ -143,6 +151,116 @@ def _table(cfg: DictConfig, gflops, base_gflops, tokens, throughput) -> list[lis
             ["efficiency", fmt(throughput["efficiency"]), ""]]
 
 
+def _layout_subjects(cfg: DictConfig, model, reference) -> tuple[list[Any], list[str], int]:
+    """``(models, layouts, reference index)`` for ``bench.layouts``: one copy of ``model`` per layout, then the
+    unreduced reference (or, for ``none``, the padded copy as the reference).
+
+    Raises:
+        ValueError: an unknown or repeated layout, or ``bench.reference`` other than ``none``.
+    """
+    import copy
+
+    from tokred.encoder import LAYOUTS
+
+    layouts = [str(v) for v in cfg.bench.layouts]
+    bad = [v for v in layouts if v not in LAYOUTS]
+    if bad or not layouts or len(set(layouts)) != len(layouts):
+        raise ValueError(f"bench.layouts must list distinct encoder layouts out of {list(LAYOUTS)}, got {layouts}")
+    if cfg.bench.reference != "none":
+        raise ValueError(f"bench.layouts times every layout against the unreduced model: use bench.reference=none "
+                         f"(got {cfg.bench.reference!r})")
+    models = []
+    for v in layouts:
+        m = copy.deepcopy(model)
+        m.encoder.layout = v
+        models.append(m)
+    if method_name(cfg) == "none" and "padded" in layouts:
+        return models, layouts, layouts.index("padded")
+    return [*models, reference], layouts, len(models)
+
+
+def _bench_layouts(cfg: DictConfig, model, images: torch.Tensor, crop: tuple[int, int], device) -> list[Any]:
+    """``bench.layouts``: ``[(layout, subject model, throughput dict, gflops, base gflops)]`` (module docstring)."""
+    from tokred.measure import compare_many, pair_summary
+
+    b = cfg.bench
+    _, reference, gflops, base_gflops = _subjects(cfg, model, images, crop)
+    models, layouts, ref = _layout_subjects(cfg, model, reference)
+    g = None if gflops is None else gflops["gflops"]
+    bg = None if base_gflops is None else base_gflops["gflops"]
+    flops = [g] * len(layouts) + ([bg] if ref == len(layouts) else [])
+    res = compare_many(models, ref, int(b.batch_size), crop, device=str(device), precision=b.precision,
+                       warmup=int(b.warmup), repeats=int(b.repeats), threads=b.threads, gflops=flops,
+                       inputs=images[: int(b.batch_size)])
+    first = res[0]["reduced"]["per_repeat_images_per_second"]
+    out = []
+    for j, layout in enumerate(layouts):
+        t = dict(res[j])
+        vs = pair_summary(t["reduced"]["per_repeat_images_per_second"], first)
+        t.update(layout_speedup=vs["speedup"], layout_speedup_iqr=vs["speedup_iqr"], layout_reference=layouts[0])
+        out.append((layout, models[j], t, gflops, base_gflops))
+    return out
+
+
+def _overheads(cfg: DictConfig, model, images: torch.Tensor, device) -> dict[str, Any] | None:
+    """``bench.overheads``: reducer components as % of the unreduced forward (``measure_overheads``)."""
+    from tokred.measure import measure_overheads
+
+    if not cfg.bench.get("overheads", False):
+        return None
+    x = images[: int(cfg.bench.batch_size)].to(device)
+    base = baseline_like(cfg, model).to(device)
+    return measure_overheads(model.to(device), base, x, repeats=max(1, int(cfg.bench.repeats)),
+                             warmup=min(1, int(cfg.bench.warmup)), precision=cfg.bench.precision)
+
+
+def _overhead_rows(over: dict[str, Any] | None) -> list[list[str]]:
+    if not over:
+        return []
+    return [[f"  {k} (% of unreduced)", f"{v['percent_of_unreduced']:.3g}", ""] for k, v in over["components"].items()]
+
+
+def _overheads_only(cfg: DictConfig, model, images: torch.Tensor, crop: tuple[int, int], device) -> dict[str, Any]:
+    """``bench.overheads=only``: the reducer components against the unreduced forward, no throughput pair."""
+    from tabulate import tabulate
+
+    from tokred.measure import cpu_name, device_name, provenance
+    from tokred.results import assemble_metrics, write_metrics
+
+    b = cfg.bench
+    threads = torch.get_num_threads()
+    if b.threads:
+        torch.set_num_threads(int(b.threads))
+    try:
+        over = _overheads(cfg, model, images, device)
+    finally:
+        torch.set_num_threads(threads)
+    assert over is not None
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    dev = torch.device(device)
+    over.update(device=device_name(dev) if dev.type == "cuda" else cpu_name(), threads=int(b.threads or threads),
+                batch_size=int(b.batch_size), layout=model.encoder.layout, precision=b.precision)
+    metrics = assemble_metrics(
+        model=c["model"], dataset=c["dataset"], crop_size=crop, decoder=c["decoder"], merger=c["merger"],
+        pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
+        quality={"miou": None, "per_class_iou": None, "pixel_accuracy": None},
+        provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=None,
+        throughput=None, tokens=_token_summary(model, images[: int(b.batch_size)]),
+        extra={"method": method_name(cfg), "bench": c["bench"], "overheads": over})
+    h, w = crop
+    name = b.run_name or (f"overheads_{method_name(cfg)}_{str(cfg.model.name).replace('_', '-')}_"
+                          f"{cfg.dataset.name}-{h}x{w}_b{b.batch_size}_{b.precision}")
+    out_dir = new_run_dir(b.output_dir, name)
+    write_metrics(out_dir / "metrics.json", metrics)
+    rows = [["unreduced forward (s / batch)", f"{over['baseline_forward_seconds']:.4g}"],
+            ["this forward (s / batch)", f"{over['forward_seconds']:.4g}"],
+            *[[f"{k} (% of unreduced)", f"{v['percent_of_unreduced']:.3g}"] for k, v in over["components"].items()]]
+    sys.stdout.write(tabulate(rows, tablefmt="simple") + f"\n{over['device']}, {b.precision}, batch {b.batch_size}, "
+                     f"{over['threads']} threads, {h}x{w} px; results: {out_dir}\n")
+    return metrics
+
+
 def bench_job(cfg: DictConfig) -> dict[str, Any]:
     """Measures the configuration against ``bench.reference`` and writes ``metrics.json`` (module docstring).
 
@@ -165,32 +283,49 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         load_segmentation_checkpoint(model, cfg.checkpoint, str(cfg.get("checkpoint_format", "auto")))
     crop = tuple(cfg.dataset.crop_size)
     images = _inputs(cfg, max(int(b.batch_size), int(b.flops_images)), crop)
-    subject, reference, gflops, base_gflops = _subjects(cfg, model, images, crop)
+    if str(b.get("overheads", False)).lower() == "only":
+        return _overheads_only(cfg, model, images, crop, device)
+    if b.get("layouts"):
+        runs = _bench_layouts(cfg, model, images, crop, device)
+    else:
+        subject, reference, gflops, base_gflops = _subjects(cfg, model, images, crop)
+        throughput = compare(subject, reference, int(b.batch_size), crop, device=str(device), precision=b.precision,
+                             warmup=int(b.warmup), repeats=int(b.repeats), threads=b.threads,
+                             gflops_reduced=None if gflops is None else gflops["gflops"],
+                             gflops_baseline=None if base_gflops is None else base_gflops["gflops"],
+                             inputs=images[: int(b.batch_size)])
+        runs = [(model.encoder.layout, model, throughput, gflops, base_gflops)]
     tokens = _token_summary(model, images[: max(int(b.flops_images), 0)])
-    throughput = compare(subject, reference, int(b.batch_size), crop, device=str(device), precision=b.precision,
-                         warmup=int(b.warmup), repeats=int(b.repeats), threads=b.threads,
-                         gflops_reduced=None if gflops is None else gflops["gflops"],
-                         gflops_baseline=None if base_gflops is None else base_gflops["gflops"],
-                         inputs=images[: int(b.batch_size)])
+    over = _overheads(cfg, model, images, device)
+    waste = _padding_waste(model, images[: int(b.batch_size)])
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
-    metrics = assemble_metrics(
-        model=c["model"], dataset=c["dataset"], crop_size=crop, decoder=c["decoder"], merger=c["merger"],
-        pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
-        quality={"miou": None, "per_class_iou": None, "pixel_accuracy": None},
-        provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
-        throughput=throughput, tokens=tokens,
-        extra={"method": method_name(cfg), "bench": c["bench"], "reference": b.reference,
-               "layout": model.encoder.layout, "padding_waste": _padding_waste(model, images[: int(b.batch_size)]),
-               "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
-               "reference_images_per_second": throughput["baseline"]["images_per_second"]})
     h, w = crop
     name = b.run_name or (f"bench_{method_name(cfg)}_{str(cfg.model.name).replace('_', '-')}_{cfg.decoder.name}_"
                           f"{cfg.dataset.name}-{h}x{w}_b{b.batch_size}_{b.precision}_vs-{b.reference}")
-    out_dir = new_run_dir(b.output_dir, name)
-    write_metrics(out_dir / "metrics.json", metrics)
-    red = throughput["reduced"]
-    sys.stdout.write(tabulate(_table(cfg, gflops, base_gflops, tokens, throughput), tablefmt="simple") + "\n")
-    sys.stdout.write(f"{red['device_name']} ({red['device']}), {b.precision}, batch {b.batch_size}, "
-                     f"{red['threads']} threads, {crop[0]}x{crop[1]} px; results: {out_dir}\n")
+    metrics: dict[str, Any] = {}
+    for layout, subject, throughput, gflops, base_gflops in runs:
+        extra = {"method": method_name(cfg), "bench": c["bench"], "reference": b.reference, "layout": layout,
+                 "padding_waste": waste, "gflops_ratio": None if gflops is None else gflops.get("gflops_ratio"),
+                 "reference_images_per_second": throughput["baseline"]["images_per_second"]}
+        for k in ("layout_speedup", "layout_speedup_iqr", "layout_reference"):
+            if k in throughput:
+                extra[k] = throughput[k]
+        if over is not None:
+            extra["overheads"] = over
+        metrics = assemble_metrics(
+            model=c["model"], dataset=c["dataset"], crop_size=crop, decoder=c["decoder"], merger=c["merger"],
+            pruner=c["pruner"], schedule=c["schedule"], seed=int(c["seed"]),
+            quality={"miou": None, "per_class_iou": None, "pixel_accuracy": None},
+            provenance=provenance({"merger": cfg.merger.name, "pruner": cfg.pruner.name}), gflops=gflops,
+            throughput=throughput, tokens=tokens, extra=extra)
+        out_dir = new_run_dir(b.output_dir, f"{name}_{layout}" if len(runs) > 1 or b.get("layouts") else name)
+        write_metrics(out_dir / "metrics.json", metrics)
+        red = throughput["reduced"]
+        rows = _table(cfg, gflops, base_gflops, tokens, throughput) + _overhead_rows(over)
+        if "layout_speedup" in throughput:
+            rows.append([f"vs layout {throughput['layout_reference']}", f"{throughput['layout_speedup']:.4g}", ""])
+        sys.stdout.write(f"layout: {layout}\n" + tabulate(rows, tablefmt="simple") + "\n")
+        sys.stdout.write(f"{red['device_name']} ({red['device']}), {b.precision}, batch {b.batch_size}, "
+                         f"{red['threads']} threads, {crop[0]}x{crop[1]} px; results: {out_dir}\n")
     return metrics

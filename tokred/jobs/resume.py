@@ -28,7 +28,7 @@ log = logging.getLogger("tokred")
 #: checkpoints (checkpoints draw no random numbers), what it does after training (evaluation, timing), and
 #: the bookkeeping of resuming itself.
 RESUME_ALLOWED: tuple[str, ...] = ("device", "train.num_workers", "train.checkpoint_every", "dataset.root", "eval.",
-                                   "bench.", "viz.", "analyze.", "preflight.", "resume", "existing_run",
+                                   "bench.", "viz.", "analyze.", "sweep.", "preflight.", "resume", "existing_run",
                                    "run_name", "output_dir")
 
 

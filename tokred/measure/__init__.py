@@ -7,6 +7,7 @@ from tokred.measure.bench import (
     available_devices,
     benchmark,
     compare,
+    compare_many,
     cpu_name,
     device_name,
     pair_summary,
@@ -19,11 +20,13 @@ from tokred.measure.flops import (
     count_gflops,
     sdpa_flop_jit,
 )
+from tokred.measure.overheads import measure_overheads, register_component
 from tokred.measure.provenance import git_state, provenance
 from tokred.measure.tokens import TokenAccounting
 
 __all__ = [
     "EXTRA_HANDLES", "FLOP_CONVENTION", "PRECISIONS", "BenchmarkOOMError", "TokenAccounting", "analytic_vit_gflops",
-    "available_devices", "benchmark", "combine_gflops", "compare", "count_gflops", "cpu_name", "device_name",
-    "git_state", "pair_summary", "provenance", "sdpa_flop_jit",
+    "available_devices", "benchmark", "combine_gflops", "compare", "compare_many", "count_gflops", "cpu_name",
+    "device_name", "git_state", "measure_overheads", "pair_summary", "provenance", "register_component",
+    "sdpa_flop_jit",
 ]

@@ -20,7 +20,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from tokred.io import eval_mode
 
-__all__ = ["PRECISIONS", "BenchmarkOOMError", "available_devices", "benchmark", "compare", "cpu_name",
-           "device_name", "pair_summary"]
+__all__ = ["PRECISIONS", "BenchmarkOOMError", "available_devices", "benchmark", "compare", "compare_many",
+           "cpu_name", "device_name", "pair_summary"]
 
 PRECISIONS = ("fp32", "bf16")
 _MIB = 2.0**20
@@ -296,6 +296,42 @@ def compare(reduced_model: nn.Module, baseline_model: nn.Module, batch_size: int
     out: dict[str, Any] = {"reduced": red, "baseline": base}
     out.update(pair_summary(red["per_repeat_images_per_second"], base["per_repeat_images_per_second"],
                             gflops_reduced, gflops_baseline))
+    return out
+
+
+def compare_many(models: Sequence[nn.Module], reference: int, batch_size: int, image_hw: tuple[int, int],
+                 device: str | torch.device = "cpu", precision: str = "fp32", warmup: int = 10, repeats: int = 30,
+                 threads: int | None = None, iters_per_repeat: int = 1, gflops: Sequence[float | None] | None = None,
+                 in_chans: int = 3, seed: int = 0, timer: Callable[[], float] = time.perf_counter,
+                 inputs: Tensor | None = None) -> list[dict[str, Any]]:
+    """``compare`` for several models timed in one interleaved loop, each paired with ``models[reference]``.
+
+    Repeat ``i`` runs every model in order (even ``i``) or in reverse order (odd ``i``), so that a drift of the
+    machine affects all of them alike; every model's speedup is the median of its per-repeat ratio to the
+    reference's repeat ``i``. Arguments as in ``compare``; ``gflops[j]`` is model ``j``'s GFLOPs per image.
+
+    Returns:
+        One dict per model, as ``compare`` returns: ``{"reduced": its benchmark dict, "baseline": the
+        reference's}`` plus ``pair_summary``'s keys (the reference's own entry has speedup 1).
+
+    Raises:
+        ValueError: ``reference`` is not an index of ``models`` or ``gflops`` has another length; as ``benchmark``.
+        BenchmarkOOMError: as ``benchmark``.
+    """
+    if not 0 <= reference < len(models):
+        raise ValueError(f"reference index {reference} is not one of the {len(models)} models")
+    flops = list(gflops) if gflops is not None else [None] * len(models)
+    if len(flops) != len(models):
+        raise ValueError(f"gflops has {len(flops)} values for {len(models)} models")
+    results = _run(list(models), batch_size, image_hw, device, precision, warmup, repeats, threads,
+                   iters_per_repeat, in_chans, seed, timer, inputs)
+    ref = results[reference]
+    out = []
+    for res, g in zip(results, flops):
+        d: dict[str, Any] = {"reduced": res, "baseline": ref}
+        d.update(pair_summary(res["per_repeat_images_per_second"], ref["per_repeat_images_per_second"], g,
+                              flops[reference] if g is not None else None))
+        out.append(d)
     return out
 
 

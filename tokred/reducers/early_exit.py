@@ -28,6 +28,13 @@ Differences from the reference code (DToP, zbwxp/Dynamic-Token-Pruning; STEP's c
     * Batches: every image halts its own tokens; images that keep different counts are padded (``valid``),
       padded slots never halt, and a batch equals its images run one by one.
     * Ties in the top-k per class are broken by token order (earlier first), deterministically.
+    * Schedule ``halt_from``: STEP and DToP train the exit heads jointly with the backbone (a base model with
+      the heads' auxiliary losses and no halting, then fine-tuning with halting). tokred's option ``halt_from``
+      (a fraction of training in ``[0, 1]``) does both in one run: while the training progress
+      (``self.progress``, set by the trainer) is below ``halt_from``, the heads get their auxiliary losses
+      but no token halts, so freshly initialised heads (confidence near ``1 / K``) do not halt tokens on noise;
+      from ``halt_from`` on, tokens halt as configured. Evaluation always halts as configured. ``0.0`` (the
+      default) halts from the first step.
 """
 
 from __future__ import annotations
@@ -217,7 +224,8 @@ class EarlyExit(Pruner):
     (``threshold=1.0`` or ``halting=False``), then fine-tune with halting on. With halting on, tokens also
     halt in training, so the later blocks and the decoder learn with the reduced token set; the kept exit
     logits are not detached, so the main loss at halted cells trains the head that halted them (in addition
-    to the auxiliary loss). The halting decision itself is taken without gradient.
+    to the auxiliary loss). The halting decision itself is taken without gradient. ``halt_from`` does both
+    stages in one run: no halting in training before that fraction of training, halting after it.
 
     With halting off, the heads run only in training (for their auxiliary losses); at inference they are
     skipped and the output equals the model without the pruner.
@@ -232,6 +240,9 @@ class EarlyExit(Pruner):
         head: ``"linear"`` (LayerNorm + Linear per token, default) or ``"atm"`` (one attention-to-mask layer).
         aux_weight: weight of each exit head's cross-entropy, ``>= 0``.
         halting: False disables halting whatever the threshold (base-model training).
+        halt_from: fraction of training in ``[0, 1]`` before which no token halts in training (heads still
+            get their auxiliary losses; see the module docstring); 0.0 halts from the first step. Evaluation
+            (``eval()``) always halts as configured, whatever the progress.
         target_accuracy: when set, ``python -m tokred run``/``eval`` replace ``threshold`` after training by the
             lowest ``p0`` at which the exit heads' predictions on the cells above it reach this accuracy on the
             training split (``tokred.jobs.calibrate.calibrate_exit_threshold``; the training split because the
@@ -240,7 +251,8 @@ class EarlyExit(Pruner):
 
     Raises:
         ValueError: a negative exit block or not strictly increasing (``exit_blocks``), a threshold outside
-            ``(0, 1]``, ``top_k < 0``, an unknown ``head``, ``aux_weight < 0``; in ``setup``, an exit block
+            ``(0, 1]``, ``top_k < 0``, an unknown ``head``, ``aux_weight < 0``, ``halt_from`` outside
+            ``[0, 1]``; in ``setup``, an exit block
             above ``depth - 2``.
     """
 
@@ -248,8 +260,13 @@ class EarlyExit(Pruner):
 
     def __init__(self, exit_blocks: Sequence[int] | None = None, threshold: float | None = None, top_k: int = 5,
                  head: str = "linear", aux_weight: float = 1.0, halting: bool = True,
-                 target_accuracy: float | None = None) -> None:
+                 target_accuracy: float | None = None, halt_from: float = 0.0) -> None:
         super().__init__()
+        if isinstance(halt_from, bool) or not isinstance(halt_from, (int, float)) or not 0.0 <= halt_from <= 1.0:
+            raise ValueError(f"halt_from (fraction of training before which no token halts) must be a number in "
+                             f"[0, 1], got {halt_from!r}; 0.0 halts from the first step")
+        #: training progress from which tokens halt in training (before it: heads trained, nothing halts)
+        self.halt_from = float(halt_from)
         if target_accuracy is not None and not 0.0 < float(target_accuracy) <= 1.0:
             raise ValueError(f"target_accuracy must be in (0, 1] (accuracy of the cells that would halt) or null, "
                              f"got {target_accuracy}")
@@ -312,6 +329,11 @@ class EarlyExit(Pruner):
         """True when tokens may halt (``halting`` on and ``threshold < 1``)."""
         return self.halting and self.threshold is not None and self.threshold < 1.0
 
+    @property
+    def halts_now(self) -> bool:
+        """True when tokens halt in this forward: ``halts``, and in training ``progress >= halt_from``."""
+        return self.halts and not (self.training and self.progress < self.halt_from)
+
     @classmethod
     def identity_config(cls) -> dict[str, Any]:
         """``threshold=1.0``: no token halts and the prediction equals the model without the pruner."""
@@ -327,7 +349,9 @@ class EarlyExit(Pruner):
     def extra_config(self) -> dict[str, Any]:
         return {"exit_blocks": self.exit_blocks, "threshold": self.threshold, "top_k": self.top_k,
                 "target_accuracy": self.target_accuracy,
-                "head": self.head, "aux_weight": self.aux_weight, "halting": self.halting}
+                "head": self.head, "aux_weight": self.aux_weight, "halting": self.halting,
+                # recorded when set: results written before the option existed read as halt_from 0.0
+                **({"halt_from": self.halt_from} if self.halt_from > 0.0 else {})}
 
     def on_block(self, block: int, x: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         """At an exit block: exit head, auxiliary output (training), halting of confident tokens.
@@ -354,7 +378,7 @@ class EarlyExit(Pruner):
         if self.training:
             grid, live = state.restore_live(logits)  # [B, K, H0, W0], [B, H0, W0]
             state = state.add_aux(AuxOutput(name=f"exit_{name}", logits=grid, weight=self.aux_weight, mask=live))
-        if not self.halts:
+        if not self.halts_now:  # halting off, or training before halt_from: heads trained, nothing halts
             zeros = torch.zeros(B, dtype=torch.long, device=x.device)
             state = state.add_stat(f"halted_exit_{name}", zeros)
             return x, state.add_stat("halted_per_class", zeros.new_zeros(B, K))
