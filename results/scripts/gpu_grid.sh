@@ -8,7 +8,8 @@
 #
 # --dry-run: the same stages and command lines on CPU with tiny settings (test_vit on the embedded CamVid sample,
 #   256x256 crop, one iteration per run, bench batch 2, one repeat) into a temp folder: proves every command line
-#   parses and runs end to end before any GPU time is spent (tests/test_gpu_script.py runs it).
+#   parses and runs end to end before any GPU time is spent (`nox -s gpu_dry_run` runs it through
+#   tests/test_gpu_script.py, which the default test run skips: about 2 minutes).
 #
 # Before the GPU call, here (needs the network):
 #   bash results/scripts/gpu_wheels.sh    # results/gpu_wheels/ (hydra-core, omegaconf, fvcore, ... as wheels) and
