@@ -322,7 +322,8 @@ def bench_job(cfg: DictConfig) -> dict[str, Any]:
         out_dir = new_run_dir(b.output_dir, f"{name}_{layout}" if len(runs) > 1 or b.get("layouts") else name)
         write_metrics(out_dir / "metrics.json", metrics)
         red = throughput["reduced"]
-        rows = _table(cfg, gflops, base_gflops, tokens, throughput) + _overhead_rows(over)
+        rows = _table(cfg, gflops, base_gflops, tokens, throughput) + (_overhead_rows(over) if layout == runs[0][0]
+                                                                        else [])
         if "layout_speedup" in throughput:
             rows.append([f"vs layout {throughput['layout_reference']}", f"{throughput['layout_speedup']:.4g}", ""])
         sys.stdout.write(f"layout: {layout}\n" + tabulate(rows, tablefmt="simple") + "\n")

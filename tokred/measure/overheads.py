@@ -215,7 +215,7 @@ def measure_overheads(model: nn.Module, baseline: nn.Module, images: Tensor, rep
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     flags = [(m, m.training) for m in (model, baseline)]
-    per_label: dict[str, list[float]] = defaultdict(list)
+    repeats_seen: list[dict[str, float]] = []  # per timed forward: seconds per label
     calls: dict[str, int] = {}
     fwd: list[float] = []
     base: list[float] = []
@@ -233,8 +233,7 @@ def measure_overheads(model: nn.Module, baseline: nn.Module, images: Tensor, rep
                         continue
                     with timed_components(model, images.device) as clock:
                         fwd += _seconds_per_call(model, images, 1, precision)
-                    for label in set(per_label) | set(clock.seconds):
-                        per_label[label].append(clock.seconds.get(label, 0.0))
+                    repeats_seen.append(dict(clock.seconds))
                     calls.update(clock.calls)
     finally:
         for m, was_training in flags:
@@ -244,8 +243,10 @@ def measure_overheads(model: nn.Module, baseline: nn.Module, images: Tensor, rep
         return float(torch.tensor(v, dtype=torch.float64).quantile(0.5))
 
     base_s = median(base)
+    labels = sorted({k for r in repeats_seen for k in r})
+    per_label = {k: [r.get(k, 0.0) for r in repeats_seen] for k in labels}  # a label absent in a forward: 0 s
     comps = {label: {"seconds": median(v), "calls": int(calls.get(label, 0)),
                      "percent_of_unreduced": 100.0 * median(v) / base_s}
-             for label, v in sorted(per_label.items())}
+             for label, v in per_label.items()}
     return {"forward_seconds": median(fwd), "baseline_forward_seconds": base_s, "components": comps,
             "repeats": repeats}
