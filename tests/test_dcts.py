@@ -316,6 +316,25 @@ def test_configs_match_constructors():
 
 
 # ---------------------------------------------------------------------------------------------- policy
+def test_policy_training_keeps_the_epoch_with_the_lowest_validation_loss():
+    torch.manual_seed(0)
+    runs = {}
+    for keep in ("best", "last"):
+        torch.manual_seed(0)
+        net = PolicyNet(levels=(2, 4), patch_size=16)
+        runs[keep] = train_policy(_Synthetic(4), _Synthetic(2), net, epochs=5, batch_size=2, lr=3e-2, keep=keep,
+                                  progress=False)
+    best, last = runs["best"], runs["last"]
+    assert [r["epoch"] for r in best["curve"]] == [1, 2, 3, 4, 5] and best["curve"] == last["curve"]
+    losses = [r["val_loss"] for r in best["curve"]]
+    assert best["kept_epoch"] == 1 + losses.index(min(losses)) and last["kept_epoch"] == 5
+    # the reported validation metrics are those of the kept weights
+    assert best["val_loss"] == pytest.approx(min(losses), rel=1e-5)
+    assert last["val_loss"] == pytest.approx(losses[-1], rel=1e-5)
+    with pytest.raises(ValueError, match="keep='first'"):
+        train_policy(_Synthetic(4), None, PolicyNet(levels=(2, 4), patch_size=16), epochs=1, keep="first")
+
+
 def test_policy_training_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     net = PolicyNet(levels=(2, 4), patch_size=16)

@@ -207,3 +207,59 @@ def plot_summary(table: pd.DataFrame, out_dir: str | Path, title: str = "") -> d
     fig.savefig(paths["tokens_per_block"])
     plt.close(fig)
     return paths
+
+
+def plot_learning_curves(runs_dir: str | Path, out_path: str | Path, baseline_epochs: int = 0,
+                         title: str = "", cells: Sequence[str] = ("baseline", "none")) -> Path | None:
+    """The learning curves of the grid: validation mIoU (``val_miou`` of ``train_log.csv``, written with
+    ``train.val_every``) and the training loss per epoch of ``cells``, one line per seed; finetune cells are drawn
+    after the baseline (epoch ``baseline_epochs + e``), so a fine-tune that loses accuracy shows as a drop.
+
+    Args:
+        runs_dir: ``<protocol>/runs`` (``<cell>_seed<k>/train_log.csv``).
+        out_path: the PNG file.
+        baseline_epochs: the baseline's epochs (where finetune curves start).
+        cells: cells to draw (``baseline`` first).
+
+    Returns:
+        ``out_path``, or None when no drawn run logged ``val_miou`` (nothing is written).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = []
+    for cell in cells:
+        for log_path in sorted(Path(runs_dir).glob(f"{cell}_seed*/train_log.csv")):
+            df = pd.read_csv(log_path)
+            seed = log_path.parent.name.rsplit("_seed", 1)[-1]
+            if "val_miou" in df and df["val_miou"].notna().any():
+                logs.append((cell, seed, df))
+    if not logs:
+        return None
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=130)
+    colors = {c: plt.get_cmap("tab10")(i) for i, c in enumerate(cells)}
+    styles = ("-", "--", "-.", ":")
+    for cell, seed, df in logs:
+        shift = 0 if cell == "baseline" else baseline_epochs
+        ls = styles[int(seed) % len(styles)] if seed.isdigit() else "-"
+        v = df.dropna(subset=["val_miou"])
+        ax_m.plot(v["epoch"] + shift, 100 * v["val_miou"], ls=ls, marker="o", ms=3, color=colors[cell],
+                  label=f"{cell} seed {seed}")
+        ax_l.plot(df["epoch"] + shift, df["loss"], ls=ls, color=colors[cell], label=f"{cell} seed {seed}")
+    if baseline_epochs:
+        for ax in (ax_m, ax_l):
+            ax.axvline(baseline_epochs + 0.5, color="0.6", lw=0.8)
+    ax_m.set_ylabel("val mIoU (%)")
+    ax_l.set_ylabel("training loss (epoch mean)")
+    for ax in (ax_m, ax_l):
+        ax.set_xlabel("epoch (finetune cells after the baseline's)")
+        ax.grid(alpha=0.3)
+    ax_m.legend(fontsize=7)
+    fig.suptitle(f"{title}: learning curves", fontsize=10)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tokred.ablations.grid import BASELINE_CELL, read_protocol
-from tokred.ablations.plots import plot_summary
+from tokred.ablations.plots import plot_learning_curves, plot_summary
 from tokred.io import atomic_write
 
 __all__ = ["SUMMARY_COLUMNS", "pareto_front", "summarize", "write_summary"]
@@ -235,7 +235,8 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
         protocol_dir: ``<root>/<protocol>``.
 
     Returns:
-        ``{"csv", "md", "miou_vs_gflops", "miou_vs_images_per_second", "tokens_per_block"}`` -> path.
+        ``{"csv", "md", "miou_vs_gflops", "miou_vs_images_per_second", "tokens_per_block"}`` -> path, and
+        ``"learning_curves"`` when runs logged ``val_miou``.
     """
     from tabulate import tabulate
 
@@ -249,6 +250,10 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
     out.update(plot_summary(table, protocol_dir, title=protocol_dir.name))
 
     runs = protocol_dir / "runs"
+    curves = plot_learning_curves(runs, protocol_dir / "learning_curves.png",
+                                  int(proto.get("identity", {}).get("baseline_epochs") or 0), protocol_dir.name)
+    if curves is not None:
+        out["learning_curves"] = curves
     hw = _hardware(runs)
     ident = proto.get("identity", {})
     invocations = proto.get("invocations", [])
@@ -299,6 +304,9 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
               "",
               "![mIoU vs GFLOPs](miou_vs_gflops.png)", "", "![mIoU vs im/s](miou_vs_images_per_second.png)", "",
               "![tokens per block](tokens_per_block.png)", ""]
+    if curves is not None:
+        lines += ["Learning curves (val mIoU every `train.val_every` epochs, training loss per epoch; the "
+                  "fine-tuned `none` cell after the baseline):", "", "![learning curves](learning_curves.png)", ""]
     atomic_write(out["md"], "\n".join(lines))
     return out
 

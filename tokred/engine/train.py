@@ -18,7 +18,7 @@ import signal
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -152,7 +152,8 @@ def train(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: 
           start_epoch: int = 0, amp: bool = True, grad_clip: float | None = 1.0, max_iters: int | None = None,
           checkpoint_every: int = 1, checkpoint_extra: dict[str, Any] | None = None,
           sampler: Any = None, progress: bool = True, resume: dict[str, Any] | None = None,
-          stop: StopOnSignal | None = None) -> dict[str, float]:
+          stop: StopOnSignal | None = None,
+          epoch_end: Callable[[int], dict[str, float]] | None = None) -> dict[str, float]:
     """Trains ``model`` (a ``Segmenter`` or its DDP wrapper) until epoch ``epochs`` (or ``max_iters``).
 
     Every ``checkpoint_every`` epochs, at the end and when stopped by a signal, rank 0 writes
@@ -167,6 +168,9 @@ def train(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: 
         resume: a checkpoint written by this function: training continues at its position with its random
             states and loss sums (checkpoints without them continue at their epoch, not exactly).
         stop: a :class:`StopOnSignal` in effect (default: one is installed for the duration of training).
+        epoch_end: called on rank 0 as ``epoch_end(epoch)`` (1-based) after each epoch, in eval mode under
+            ``torch.no_grad``; the values it returns (e.g. ``{"val_miou": ...}``, NaN where not measured) become
+            extra ``train_log.csv`` columns, so it must return the same keys every epoch.
         max_iters: stop after this many iterations in total (smoke runs).
 
     Returns:
@@ -179,7 +183,7 @@ def train(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: 
     if stop is None:
         with StopOnSignal() as own:
             return train(model, loader, optimizer, scheduler, device, epochs, run_dir, start_epoch, amp, grad_clip,
-                         max_iters, checkpoint_every, checkpoint_extra, sampler, progress, resume, own)
+                         max_iters, checkpoint_every, checkpoint_extra, sampler, progress, resume, own, epoch_end)
     seg = model.module if hasattr(model, "module") else model
     per_epoch = _batches_per_epoch(loader, sampler)
     total = epochs * per_epoch if max_iters is None else min(max_iters, epochs * per_epoch)
@@ -256,14 +260,21 @@ def train(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], optimizer: 
         means = _mean_over_ranks(sums, n, device)
         epoch_step, sums, n = 0, {}, 0
         if is_main_process():
-            log.info("epoch %d/%d  %s", epoch + 1, epochs, "  ".join(f"{k}={v:.4f}" for k, v in means.items()))
+            extra: dict[str, float] = {}
+            if epoch_end is not None:
+                model.eval()
+                with torch.no_grad():
+                    extra = dict(epoch_end(epoch + 1))
+                model.train()
+            log.info("epoch %d/%d  %s", epoch + 1, epochs,
+                     "  ".join(f"{k}={v:.4f}" for k, v in {**means, **extra}.items() if math.isfinite(v)))
             if log_path is not None:
                 new = not log_path.exists()
                 with open(log_path, "a", newline="") as f:
                     w = csv.writer(f)
                     if new:
-                        w.writerow(["epoch", "iteration", "lr", *means])
-                    w.writerow([epoch + 1, it, scheduler.get_last_lr()[0], *means.values()])
+                        w.writerow(["epoch", "iteration", "lr", *means, *extra])
+                    w.writerow([epoch + 1, it, scheduler.get_last_lr()[0], *means.values(), *extra.values()])
         last = epoch + 1 == epochs or it >= total
         signum = stop.requested(device)
         if (epoch + 1) % max(checkpoint_every, 1) == 0 or last or signum is not None:

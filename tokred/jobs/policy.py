@@ -95,9 +95,9 @@ def train_policy_job(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
     res = train_policy(train_ds, build_datasets(cfg, train=False, split=cfg.policy.val_split),
                        policy, epochs, lr=float(cfg.policy.lr), batch_size=int(cfg.policy.batch_size),
                        device=device, out_path=out, thresholds=thresholds, num_workers=int(cfg.train.num_workers),
-                       max_steps=cfg.policy.max_steps, seed=int(cfg.seed))
+                       max_steps=cfg.policy.max_steps, seed=int(cfg.seed), keep=str(cfg.policy.get("keep", "best")))
     if not quiet:  # the policy stage of run logs its summary instead (run.log)
-        sys.stdout.write(json.dumps({k: v for k, v in res.items() if k not in ("history", "pr_curves")}, indent=2,
+        sys.stdout.write(json.dumps({k: v for k, v in res.items() if k not in ("history", "pr_curves", "curve")}, indent=2,
                                     default=str) + "\n")
     return res
 

@@ -31,6 +31,10 @@ def train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
     N x ``train.batch_size``. After training every reducer's ``progress`` is 1 (the warm-up is over), so
     evaluation, GFLOPs and timing see the trained budget.
 
+    With ``train.val_every=k`` (k > 0) the model is evaluated on ``train.val_split`` after every k-th epoch and
+    the last one: the learning curve, ``val_miou`` (fraction, 0..1) per epoch in ``train_log.csv`` (NaN on the
+    epochs in between); the time it takes is part of ``train_seconds``.
+
     Returns:
         ``{"train_seconds", "train_images", "final_losses"}``.
 
@@ -67,10 +71,44 @@ def train_stage(cfg: DictConfig, model: Segmenter, device: torch.device, run_dir
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     t0 = time.perf_counter()
+    last_epoch = -(-total // sampler.batches_per_epoch)  # the epoch max_iters ends in
+    epoch_end = _validation(cfg, model, device, last_epoch) if int(t.get("val_every") or 0) > 0 else None
     losses = train(net, loader, opt, sched, device, int(t.epochs), run_dir=run_dir if is_main_process() else None,
                    amp=bool(t.amp), grad_clip=t.grad_clip, max_iters=t.max_iters,
                    checkpoint_every=int(t.checkpoint_every),
                    checkpoint_extra={"config": OmegaConf.to_container(cfg, resolve=True)}, sampler=sampler,
-                   resume=resume)
+                   resume=resume, epoch_end=epoch_end)
     model.set_progress(1.0)
     return {"train_seconds": time.perf_counter() - t0, "train_images": len(ds), "final_losses": losses}
+
+
+def _validation(cfg: DictConfig, model: Segmenter, device: torch.device, last_epoch: int):
+    """``epoch_end`` for :func:`tokred.engine.train.train`: mIoU on ``train.val_split`` every ``train.val_every``
+    epochs (and after the last), as the evaluation job infers (``eval.mode``, crop-size images).
+
+    Raises:
+        ValueError: ``train.val_split`` is the evaluation split (the curve would select on the test set).
+    """
+    from tokred.config import inference_settings
+    from tokred.engine.evaluate import evaluate
+
+    t = cfg.train
+    split = str(t.get("val_split") or "val")
+    if split == str(cfg.eval.split):
+        raise ValueError(f"train.val_split={split} is also eval.split: the learning curve must not be drawn on "
+                         "the split the results are reported on; give another split (e.g. train.val_split=val)")
+    every = int(t.val_every)
+    ds = build_datasets(cfg, train=False, split=split)
+    loader = make_loader(ds, int(cfg.eval.batch_size), False, 0)
+    inf = inference_settings(cfg)
+    log.info("learning curve: mIoU on %s (%d images) every %d epochs", split, len(ds), every)
+
+    def epoch_end(epoch: int) -> dict[str, float]:
+        if epoch % every and epoch != last_epoch:
+            return {"val_miou": float("nan")}
+        q = evaluate(model, loader, int(cfg.dataset.num_classes), device, int(cfg.dataset.ignore_index),
+                     mode=inf.mode, crop=inf.crop, stride=inf.stride, amp=bool(t.amp),
+                     batch_size=int(cfg.eval.batch_size), progress=False)
+        return {"val_miou": float(q["miou"])}
+
+    return epoch_end

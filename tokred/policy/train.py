@@ -171,8 +171,13 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
                  thresholds: Mapping | Sequence[float] | float | None = None, ignore_index: int = 255,
                  all_ignore: str = DEFAULT_ALL_IGNORE, partial_ignore: str = DEFAULT_PARTIAL_IGNORE,
                  num_workers: int = 0,
-                 max_steps: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                 max_steps: int | None = None, seed: int = 0, progress: bool = True,
+                 keep: str = "best") -> dict[str, Any]:
     """Trains the policy with AdamW on per-window BCE (CTS recipe: AdamW, lr 5e-5), validates, saves.
+
+    With ``dataset_val`` the validation BCE is measured after every epoch (``curve`` in the result and the
+    sidecar: the policy's learning curve); ``keep="best"`` then keeps the weights of the epoch with the lowest
+    validation loss (model selection on the validation split, never the test split), ``"last"`` the last ones.
 
     Args:
         dataset_train: items ``(image [3, H, W] normalised float, label [H, W] long, 255 = ignore)`` of one
@@ -193,16 +198,20 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
         max_steps: stop after this many optimiser steps in total (smoke runs); None = all epochs.
         seed: shuffling seed.
         progress: show tqdm progress bars.
+        keep: ``"best"`` (lowest validation loss; the last epoch without ``dataset_val``) or ``"last"``.
 
     Returns:
-        ``{"epochs", "steps", "train_loss" (mean of the last epoch), validation metrics (see
+        ``{"epochs", "steps", "train_loss" (mean of the last epoch), "curve" ([{"epoch", "train_loss",
+        "val_loss"}], with ``dataset_val``), "kept_epoch", validation metrics of the kept weights (see
         ``evaluate_policy``), "out_path"}``.
 
     Raises:
-        ValueError: ``epochs`` < 1, ``batch_size`` < 1, or bad thresholds / ignore modes.
+        ValueError: ``epochs`` < 1, ``batch_size`` < 1, an unknown ``keep``, or bad thresholds / ignore modes.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1")
+    if keep not in ("best", "last"):
+        raise ValueError(f"policy keep={keep!r}: use 'best' (lowest validation loss) or 'last'")
     taus = normalize_thresholds(thresholds, policy.levels)
     device = torch.device(device)
     policy.to(device).requires_grad_(True)
@@ -211,6 +220,10 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
                               num_workers=num_workers, collate_fn=_collate, drop_last=False,
                               persistent_workers=num_workers > 0)  # not restarted every (short) epoch
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
+    val_loader = None if dataset_val is None else DataLoader(dataset_val, batch_size=batch_size, shuffle=False,
+                                                             num_workers=num_workers, collate_fn=_collate)
+    curve: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     steps, train_loss = 0, math.nan
     p = policy.patch_size
     for epoch in range(epochs):
@@ -230,13 +243,26 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
             if max_steps is not None and steps >= max_steps:
                 break
         train_loss = total / max(count, 1)
-        log.info("policy epoch %d/%d: train loss %.4f", epoch + 1, epochs, train_loss)
+        if val_loader is None:
+            log.info("policy epoch %d/%d: train loss %.4f", epoch + 1, epochs, train_loss)
+        else:
+            val_loss = _val_loss(policy, val_loader, device, ignore_index, all_ignore, partial_ignore)
+            curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
+            log.info("policy epoch %d/%d: train loss %.4f, val loss %.4f", epoch + 1, epochs, train_loss, val_loss)
+            if keep == "best" and (best is None or val_loss < best[0]):
+                best = (val_loss, epoch + 1, {k: v.detach().clone() for k, v in policy.state_dict().items()})
         if max_steps is not None and steps >= max_steps:
             break
-    metrics: dict[str, Any] = {"epochs": epoch + 1, "steps": steps, "train_loss": train_loss}
-    if dataset_val is not None:
-        val_loader = DataLoader(dataset_val, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                collate_fn=_collate)
+    metrics: dict[str, Any] = {"epochs": epoch + 1, "steps": steps, "train_loss": train_loss,
+                               "kept_epoch": epoch + 1}
+    if best is not None:
+        policy.load_state_dict(best[2])
+        metrics["kept_epoch"] = best[1]
+        if best[1] != epoch + 1:
+            log.info("policy: keeping epoch %d (lowest validation loss %.4f)", best[1], best[0])
+    if curve:
+        metrics["curve"] = curve
+    if val_loader is not None:
         metrics.update(evaluate_policy(policy, val_loader, taus, device, ignore_index, all_ignore, partial_ignore,
                                        progress))
         log.info("policy validation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
@@ -248,3 +274,18 @@ def train_policy(dataset_train: Dataset, dataset_val: Dataset | None, policy: Po
     if out_path is not None:
         metrics["out_path"] = str(save_policy(policy, out_path, {k: v for k, v in metrics.items() if k != "out_path"}))
     return metrics
+
+
+@torch.no_grad()
+def _val_loss(policy: PolicyNet, loader: DataLoader, device: torch.device, ignore_index: int, all_ignore: str,
+              partial_ignore: str) -> float:
+    """The ``val_loss`` of :func:`evaluate_policy` (mean over batches of the per-window BCE), without the rest."""
+    policy.eval()
+    total, count = 0.0, 0
+    for image, label in loader:
+        image, label = image.to(device), label.to(device)  # _collate resized the labels to the images
+        loss = policy_loss(policy(image), label, policy.patch_size, ignore_index, all_ignore, partial_ignore)
+        total += float(loss)
+        count += 1
+    policy.train()
+    return total / max(count, 1)
