@@ -21,8 +21,8 @@ for p in Path(sys.argv[1]).glob("*_packed/metrics.json"):
         cfg = m.get(k) or {}
         if cfg.get("name") in RS and cfg.get("r") is not None:
             r_of[cfg["name"]] = cfg["r"]
-print("| method | GFLOPs | GFLOPs ratio | token-blocks | halted | padding waste | speedup padded | speedup packed (IQR) "
-      "| efficiency padded | efficiency packed | packed / padded |")
+print("| method | GFLOPs | GFLOPs ratio | token-blocks | halted | padding waste | speedup padded "
+      "| speedup packed (IQR) | efficiency padded | efficiency packed | packed / padded |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for method, g in df.groupby("method", sort=False):
     pad, pk = g[g.layout == "padded"].iloc[0], g[g.layout == "packed"].iloc[0]

@@ -97,8 +97,8 @@ def train_policy_job(cfg: DictConfig, quiet: bool = False) -> dict[str, Any]:
                        device=device, out_path=out, thresholds=thresholds, num_workers=int(cfg.train.num_workers),
                        max_steps=cfg.policy.max_steps, seed=int(cfg.seed), keep=str(cfg.policy.get("keep", "best")))
     if not quiet:  # the policy stage of run logs its summary instead (run.log)
-        sys.stdout.write(json.dumps({k: v for k, v in res.items() if k not in ("history", "pr_curves", "curve")}, indent=2,
-                                    default=str) + "\n")
+        shown = {k: v for k, v in res.items() if k not in ("history", "pr_curves", "curve")}
+        sys.stdout.write(json.dumps(shown, indent=2, default=str) + "\n")
     return res
 
 
