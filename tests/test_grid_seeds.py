@@ -58,8 +58,8 @@ def _paired(cell: str) -> list[float]:
 
 def test_paired_deltas_per_seed(tmp_path):
     table = summarize(_protocol(tmp_path)).set_index("cell")
-    assert list(SUMMARY_COLUMNS[-7:]) == ["timed_seeds", "busy_seeds", "paired_delta_pct", "paired_delta_min_pct", "paired_delta_max_pct",
-                                         "paired_seeds", "exceeds_spread"]
+    assert list(SUMMARY_COLUMNS[-7:]) == ["timed_seeds", "busy_seeds", "paired_delta_pct", "paired_delta_min_pct",
+                                         "paired_delta_max_pct", "paired_seeds", "exceeds_spread"]
     for cell in MIOU:
         deltas = _paired(cell)
         row = table.loc[cell]
