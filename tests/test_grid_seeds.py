@@ -58,8 +58,8 @@ def _paired(cell: str) -> list[float]:
 
 def test_paired_deltas_per_seed(tmp_path):
     table = summarize(_protocol(tmp_path)).set_index("cell")
-    assert list(SUMMARY_COLUMNS[-5:]) == ["paired_delta_pct", "paired_delta_min_pct", "paired_delta_max_pct",
-                                         "paired_seeds", "exceeds_spread"]
+    assert list(SUMMARY_COLUMNS[-7:]) == ["timed_seeds", "busy_seeds", "paired_delta_pct", "paired_delta_min_pct",
+                                         "paired_delta_max_pct", "paired_seeds", "exceeds_spread"]
     for cell in MIOU:
         deltas = _paired(cell)
         row = table.loc[cell]
@@ -110,6 +110,48 @@ def test_markdown_marks_differences_within_spread(tmp_path):
     csv = pd.read_csv(d / "summary.csv").set_index("cell")
     assert "images_per_second" in csv.columns and list(csv.columns) == list(SUMMARY_COLUMNS[1:])
     assert csv.loc["better", "exceeds_spread"] and not csv.loc["small", "exceeds_spread"]
+
+
+def _retime(root: Path, cell: str, seed: int, self_check: float | None, speedup: float) -> None:
+    f = root / "runs" / f"{cell}_seed{seed}" / "metrics.json"
+    m = json.loads(f.read_text())
+    m.update(speedup=speedup, efficiency=speedup / m["gflops_ratio"], images_per_second=100.0 * speedup,
+             throughput_detail=None if self_check is None else {"self_check_speedup": self_check})
+    f.write_text(json.dumps(m))
+
+
+def test_runs_timed_on_a_busy_machine_are_left_out_of_the_timing_medians(tmp_path, caplog):
+    d = _protocol(tmp_path)
+    for seed, (check, speedup) in enumerate([(1.02, 1.2), (0.55, 3.0), (1.0, 1.4)]):  # seed 1: busy, off by 0.45
+        _retime(d, "better", seed, check, speedup)
+    for seed, check in enumerate([0.5, 1.6, 0.7]):  # every seed busy
+        _retime(d, "worse", seed, check, 2.0)
+    for seed, (check, speedup) in enumerate([(None, 1.1), (1.09, 1.3), (0.91, 1.5)]):  # no check / just inside
+        _retime(d, "small", seed, check, speedup)
+    with caplog.at_level("WARNING", logger="tokred.ablations.summary"):
+        table = summarize(d).set_index("cell")
+    assert "better_seed1" in caplog.text and "worse_seed0" in caplog.text and "small_seed" not in caplog.text
+    row = table.loc["better"]
+    assert row["timed_seeds"] == 2 and row["busy_seeds"] == "1"
+    np.testing.assert_allclose(row["speedup"], 1.3)  # median of 1.2 and 1.4; the busy 3.0 would make it 1.4
+    np.testing.assert_allclose(row["images_per_second"], 130.0)
+    np.testing.assert_allclose(row["efficiency"], 0.65)
+    # quality and cost columns keep the busy seed
+    assert row["num_seeds"] == 3 and row["paired_seeds"] == 3
+    np.testing.assert_allclose(row["miou_pct"], 55.0)
+    worse = table.loc["worse"]
+    assert worse["timed_seeds"] == 0 and worse["busy_seeds"] == "0,1,2"
+    assert np.isnan(worse["speedup"]) and np.isnan(worse["efficiency"]) and np.isnan(worse["images_per_second"])
+    np.testing.assert_allclose(worse["gflops"], 5.0)
+    small = table.loc["small"]
+    assert small["timed_seeds"] == 3 and small["busy_seeds"] == ""
+    np.testing.assert_allclose(small["speedup"], 1.3)
+    write_summary(summarize(d), d)  # the plots take a cell without timing
+    rows = _md_rows((d / "summary.md").read_text())
+    assert "2/3 (busy: seed 1)" in rows["better"] and "0/3 (busy: seed 0,1,2)" in rows["worse"]
+    assert "3/3" in rows["small"] and "busy" not in rows["small"]
+    csv = pd.read_csv(d / "summary.csv", keep_default_na=False).set_index("cell")
+    assert csv.loc["better", "busy_seeds"] == "1" and int(csv.loc["better", "timed_seeds"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------- finetune_overrides

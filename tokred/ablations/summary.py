@@ -17,6 +17,7 @@ import pandas as pd
 from tokred.ablations.grid import BASELINE_CELL, read_protocol
 from tokred.ablations.plots import plot_learning_curves, plot_summary
 from tokred.io import atomic_write
+from tokred.jobs.summary import SELF_CHECK_TOLERANCE
 
 __all__ = ["SUMMARY_COLUMNS", "pareto_front", "summarize", "write_summary"]
 
@@ -29,8 +30,10 @@ _NUMERIC = ("miou", "gflops", "gflops_ratio", "images_per_second", "speedup", "e
 SUMMARY_COLUMNS = ("cell", "method", "mode", "budget", "miou_pct", "miou_spread_pct", "delta_miou_pct", "gflops",
                    "gflops_ratio", "images_per_second", "speedup", "efficiency", "token_reduction", "halted_fraction",
                    "device", "precision", "batch_size", "seeds", "num_seeds", "train_seconds", "pareto_gflops",
-                   "pareto_images_per_second", "tokens_per_block", "paired_delta_pct", "paired_delta_min_pct",
-                   "paired_delta_max_pct", "paired_seeds", "exceeds_spread")
+                   "pareto_images_per_second", "tokens_per_block", "timed_seeds", "busy_seeds", "paired_delta_pct",
+                   "paired_delta_min_pct", "paired_delta_max_pct", "paired_seeds", "exceeds_spread")
+#: Columns measured by the clock: their medians skip the runs whose timing self-check failed.
+_TIMED = ("images_per_second", "speedup", "efficiency")
 
 
 def pareto_front(cost: Sequence[float], quality: Sequence[float], lower_cost_is_better: bool = True) -> np.ndarray:
@@ -87,6 +90,13 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
     (3) ``|paired_delta_pct|`` is strictly larger than the reference cell's ``miou_spread_pct``; otherwise the
     difference is within seed noise and must not be ranked on.
 
+    Timing: a run whose unreduced model, timed against itself in the same process
+    (``throughput_detail.self_check_speedup``), is off 1 by more than ``SELF_CHECK_TOLERANCE`` was measured on a
+    busy machine; its ``images_per_second``, ``speedup`` and ``efficiency`` are left out of the medians (NaN when
+    every seed of the cell was busy), the other columns keep it. ``timed_seeds`` counts the seeds whose timing
+    counts, ``busy_seeds`` lists those set aside (comma-separated, empty when none). Runs without a self-check
+    count as timed.
+
     Pareto membership (mIoU vs GFLOPs, lower is better; mIoU vs im/s, higher is better) is computed over the
     fine-tune cells only, so that every point on a front saw the same training steps; the baseline and off-the-shelf
     rows are shown but never on a front.
@@ -124,6 +134,12 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
             for m, p in zip(_column(raw, "merger.name"), _column(raw, "pruner.name"))]
     for k in _NUMERIC:
         raw[k] = pd.to_numeric(_column(raw, k), errors="coerce")
+    check = pd.to_numeric(_column(raw, "throughput_detail.self_check_speedup"), errors="coerce")
+    raw["_busy"] = ((check - 1.0).abs() > SELF_CHECK_TOLERANCE).to_numpy()  # NaN (no self-check) -> False
+    if raw["_busy"].any():
+        log.warning("timing self-check off 1 by more than %.2f (a busy machine) in %s: their im/s, speedup and "
+                    "efficiency are left out of the medians; rerun those cells alone to time them",
+                    SELF_CHECK_TOLERANCE, sorted(Path(d).name for d in raw.loc[raw["_busy"], "run_dir"]))
     rows = []
     for cell, g in raw.groupby("cell", sort=False):
         rec = cells_rec.get(cell, {})
@@ -131,16 +147,20 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
         miou = 100.0 * g["miou"]
         tpb = [t for t in _column(g, "tokens_per_block") if isinstance(t, list) and t]
         depth = min((len(t) for t in tpb), default=0)
+        timed = g[~g["_busy"]]
         rows.append({
             "cell": cell, "method": _join(g["method"]), "mode": mode, "budget": rec.get("budget", ""),
             "miou_pct": miou.median(),
             "miou_spread_pct": float(miou.max() - miou.min()) if miou.notna().any() else np.nan,
-            **{k: g[k].median() for k in ("gflops", "gflops_ratio", "images_per_second", "speedup", "efficiency",
-                                         "token_reduction", "halted_fraction", "batch_size")},
+            **{k: g[k].median() for k in ("gflops", "gflops_ratio", "token_reduction", "halted_fraction",
+                                         "batch_size")},
+            **{k: timed[k].median() for k in _TIMED},
             "device": _join(_column(g, "device")), "precision": _join(_column(g, "precision")),
             "seeds": ",".join(str(s) for s in sorted(s for s in g["seed"] if s is not None)),
             "num_seeds": len(g), "train_seconds": g["train_seconds"].sum(min_count=1),
             "tokens_per_block": np.median(np.array([t[:depth] for t in tpb], dtype=float), 0).tolist() if tpb else None,
+            "timed_seeds": len(timed),
+            "busy_seeds": ",".join(str(s) for s in sorted(s for s in g.loc[g["_busy"], "seed"] if s is not None)),
         })
     table = pd.DataFrame(rows)
     order = [BASELINE_CELL, *proto.get("cell_order", [])]
@@ -163,7 +183,7 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
         if ft.any():
             mask[ft] = pareto_front(table.loc[ft, col], table.loc[ft, "miou_pct"], lower_cost_is_better=lower)
         table[name] = mask
-    return table[list(SUMMARY_COLUMNS)]
+    return table[list(SUMMARY_COLUMNS)].astype({"timed_seeds": int})
 
 
 def _paired(raw: pd.DataFrame, table: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -202,6 +222,12 @@ def _paired_text(r: Any, reference: str) -> tuple[str, str]:
     if r.paired_seeds < 2:
         return text, "1 seed: no spread"
     return text, "exceeds spread" if r.exceeds_spread else "within spread"
+
+
+def _timed_text(r: Any) -> str:
+    """``timed / seeds`` and the busy seeds set aside, for summary.md."""
+    text = f"{r.timed_seeds}/{r.num_seeds}"
+    return f"{text} (busy: seed {r.busy_seeds})" if r.busy_seeds else text
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -259,14 +285,15 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
     invocations = proto.get("invocations", [])
     reference = proto.get("reference", "none")
     headers = ["cell", "method", "mode", "budget", "mIoU (%)", "±", "Δ mIoU (pp)", "paired Δ (pp)", "vs spread",
-               "GFLOPs", "GFLOPs ratio", "speedup", "efficiency", "token red.", "halted", "device", "prec.", "batch",
-               "seeds", "front"]
+               "GFLOPs", "GFLOPs ratio", "speedup", "efficiency", "timed", "token red.", "halted", "device", "prec.",
+               "batch", "seeds", "front"]
     rows = []
     for r in table.itertuples(index=False):
         front = "".join(s for s, on in (("G", r.pareto_gflops), ("S", r.pareto_images_per_second)) if on)
         rows.append([r.cell, r.method, r.mode, r.budget, _pp(r.miou_pct), _pp(r.miou_spread_pct),
                      _pp(r.delta_miou_pct, signed=True), *_paired_text(r, reference), _fmt(r.gflops),
-                     _fmt(r.gflops_ratio), _fmt(r.speedup), _fmt(r.efficiency), _fmt(r.token_reduction),
+                     _fmt(r.gflops_ratio), _fmt(r.speedup), _fmt(r.efficiency), _timed_text(r),
+                     _fmt(r.token_reduction),
                      _fmt(r.halted_fraction), r.device, r.precision, _fmt(r.batch_size), r.seeds, front])
     lines = [f"# Ablation grid `{protocol_dir.name}`", ""]
     if ident:
@@ -295,7 +322,9 @@ def write_summary(table: pd.DataFrame, protocol_dir: str | Path) -> dict[str, Pa
               "cell's spread (±); `within spread` differences are seed noise: rows keep the grid's order and are "
               "not ranked on them. Absolute images/s depend on the machine's load when each run was measured, so "
               "they are only in summary.csv; speedup and efficiency are measured side by side with the unreduced "
-              "model in the same process. GFLOPs per image (fvcore, one multiply-add = one flop, mean "
+              "model in the same process, and a run whose unreduced model timed against itself is off 1 by more "
+              f"than {SELF_CHECK_TOLERANCE:g} (a busy machine) is left out of them: timed = seeds whose timing "
+              "counts / seeds. GFLOPs per image (fvcore, one multiply-add = one flop, mean "
               "over eval images); GFLOPs ratio = unreduced / this; speedup = im/s over the unreduced model measured "
               "side by side in the same process; efficiency = speedup / GFLOPs ratio; token red. = N0 / tokens "
               "entering block 1; halted = fraction of tokens that left before the last block. front: on the Pareto "
