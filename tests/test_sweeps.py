@@ -217,3 +217,43 @@ def test_cli_sweep(swept, tokred_cli):
     nogrid = tokred_cli("sweep")
     assert nogrid.returncode == 2 and "needs the grid" in nogrid.stderr
     assert os.path.isfile(folder / "pareto_sweeps.png")
+
+
+# ---------------------------------------------------------------------------------- the plot over seeds (fast)
+def _row(seed: int, value: float, miou: float, gflops: float, trained: bool, max_items: object = "") -> dict:
+    return {"sweep": "tome_r", "cell": "none", "seed": seed, "parameter": "r", "value": value, "miou_pct": miou,
+            "gflops": gflops, "at_trained_value": trained, "checkpoint_sha256": f"sha{seed}", "eval_split": "test",
+            "eval_max_items": max_items, "eval_mode": "whole", "flops_images": 8}
+
+
+def test_the_plot_keeps_seeds_of_earlier_calls_and_drops_other_evaluations(tmp_path):
+    from tokred.ablations.sweep_plots import plot_rows
+    from tokred.ablations.sweeps import ROW_KEY, _key
+
+    rows = pd.DataFrame([_row(0, 0, 40.0, 2.0, True), _row(0, 8, 39.0, 1.5, False),
+                         _row(1, 0, 42.0, 2.0, True), _row(1, 8, 40.0, 1.5, False),
+                         _row(1, 8, 10.0, 1.5, False, max_items=8)])  # a smoke run on 8 images
+    path = tmp_path / "sweeps.csv"
+    rows.to_csv(path, index=False)
+    rows = pd.read_csv(path)  # as run_sweeps reads them back
+    wanted = {_key(r) for r in rows.to_dict("records") if r["seed"] == 1 and pd.isna(r["eval_max_items"])}
+    drawn = plot_rows(rows, wanted, ROW_KEY, _key)
+    assert sorted(zip(drawn["seed"], drawn["value"])) == [(0, 0), (0, 8), (1, 0), (1, 8)]  # seed 0 stays
+    assert 10.0 not in set(drawn["miou_pct"])  # the 8-image evaluation is not mixed in
+    smoke = plot_rows(rows, {_key(rows.to_dict("records")[-1])}, ROW_KEY, _key)
+    assert list(smoke["miou_pct"]) == [10.0]
+
+
+def test_the_curve_is_the_median_over_seeds(tmp_path):
+    from tokred.ablations.sweep_plots import median_curve, plot_sweeps
+
+    rows = pd.DataFrame([_row(0, 0, 40.0, 2.0, True), _row(0, 8, 39.0, 1.5, False), _row(0, 16, 30.0, 1.0, False),
+                         _row(1, 0, 42.0, 2.0, True), _row(1, 8, 40.0, 1.5, False),
+                         _row(2, 0, 47.0, 2.0, True), _row(2, 8, 38.0, 1.5, False), _row(2, 16, 34.0, 1.0, False)])
+    rows["at_trained_value"] = rows["at_trained_value"].astype(str)  # "True" / "False" as in a CSV read as text
+    med = median_curve(rows)
+    assert list(med["value"]) == [16, 8, 0]  # GFLOPs order
+    np.testing.assert_allclose(med["miou_pct"], [32.0, 39.0, 42.0])
+    assert list(med["seeds"]) == [2, 3, 3] and list(med["at_trained_value"]) == [False, False, True]
+    out = plot_sweeps(rows, pd.DataFrame(), tmp_path / "pareto_sweeps.png", title="t")
+    assert out.stat().st_size > 10_000

@@ -3,13 +3,14 @@ seed), the grid's trained cells as labelled points."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_sweeps", "trained_cells"]
+__all__ = ["median_curve", "plot_rows", "plot_sweeps", "trained_cells"]
 
 
 def trained_cells(protocol_dir: str | Path) -> pd.DataFrame:
@@ -30,11 +31,40 @@ def _value_text(parameter: str, value: float) -> str:
     return f"{int(value)}" if parameter == "r" else f"{value:g}"
 
 
+#: The part of the sweeps' ``ROW_KEY`` that says how a point was evaluated (not on what).
+_EVAL_KEY = ("eval_split", "eval_max_items", "eval_mode", "flops_images")
+
+
+def plot_rows(rows: pd.DataFrame, wanted: Iterable[tuple[str, ...]], row_key: Sequence[str],
+              key: Callable[[Mapping[str, Any]], tuple[str, ...]]) -> pd.DataFrame:
+    """The rows of a sweeps folder that ``pareto_sweeps.png`` draws after a call that evaluated ``wanted``.
+
+    Every row evaluated the way this call's rows were (same ``_EVAL_KEY``: split, images, mode, GFLOPs images),
+    whatever its cell or seed, so seeds swept by earlier calls stay on the plot; rows of other evaluation
+    settings (a smoke run with ``eval.max_items``) are left out. Duplicate keys keep the last row.
+
+    Args:
+        rows: ``sweeps.csv`` as read (``SWEEP_COLUMNS``).
+        wanted: ``row_key`` tuples (``key``) of this call's points.
+        row_key: ``tokred.ablations.sweeps.ROW_KEY`` (it holds ``_EVAL_KEY``).
+        key: the sweeps' row-key function (numbers normalised as strings).
+
+    Returns:
+        The selected rows, index reset.
+    """
+    pos = [list(row_key).index(k) for k in _EVAL_KEY]
+    evals = {tuple(k[i] for i in pos) for k in wanted}
+    keys = [key(r) for r in rows.to_dict("records")]
+    keep = [tuple(k[i] for i in pos) in evals for k in keys]
+    return rows[keep].drop_duplicates(list(row_key), keep="last").reset_index(drop=True)
+
+
 def plot_sweeps(table: pd.DataFrame, cells: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """Draws ``pareto_sweeps.png``: mIoU (%) against GFLOPs per image.
 
-    Each (sweep, cell, seed) of ``table`` is one line through its values in GFLOPs order, every point tagged
-    with its value and the value the cell was trained at drawn larger; every trained cell of ``cells`` with a
+    Each (sweep, cell) of ``table`` is one line through its values in GFLOPs order (``median_curve``: the median
+    over its seeds, each seed also drawn as a thin line when there are several), every point tagged with its
+    value and the value the cell was trained at drawn larger; every trained cell of ``cells`` with a
     finite mIoU and GFLOPs is a grey square labelled with its name.
 
     Args:
@@ -62,21 +92,24 @@ def plot_sweeps(table: pd.DataFrame, cells: pd.DataFrame, path: str | Path, titl
     path = Path(path)
     colors = matplotlib.colormaps["tab10"].colors
     fig, ax = plt.subplots(figsize=(8.0, 5.2))
-    groups = list(table.groupby(["sweep", "cell", "seed"], sort=False))
-    for i, ((sweep, cell, seed), g) in enumerate(groups):
-        g = g[np.isfinite(g["gflops"].astype(float)) & np.isfinite(g["miou_pct"].astype(float))]
-        if g.empty:
-            continue
-        g = g.sort_values(["gflops", "value"])
+    finite = table[np.isfinite(table["gflops"].astype(float)) & np.isfinite(table["miou_pct"].astype(float))]
+    for i, ((sweep, cell), g) in enumerate(finite.groupby(["sweep", "cell"], sort=False)):
         color = colors[i % len(colors)]
         param = str(g["parameter"].iloc[0])
-        ax.plot(g["gflops"], g["miou_pct"], "-o", color=color, ms=4, lw=1.4,
-                label=f"{sweep} on {cell} (seed {seed}): {param} = "
-                      + ", ".join(_value_text(param, v) for v in sorted(g["value"])))
-        trained = g[g["at_trained_value"].astype(bool)]
+        seeds = sorted(int(s) for s in g["seed"].unique())
+        if len(seeds) > 1:  # each seed thin, the median over seeds drawn as the curve
+            for _, gs in g.groupby("seed"):
+                gs = gs.sort_values(["gflops", "value"])
+                ax.plot(gs["gflops"], gs["miou_pct"], "-", color=color, lw=0.8, alpha=0.35)
+        med = median_curve(g)
+        which = f"seed {seeds[0]}" if len(seeds) == 1 else "median of seeds " + ", ".join(map(str, seeds))
+        ax.plot(med["gflops"], med["miou_pct"], "-o", color=color, ms=4, lw=1.4,
+                label=f"{sweep} on {cell} ({which}): {param} = "
+                      + ", ".join(_value_text(param, v) for v in sorted(med["value"])))
+        trained = med[med["at_trained_value"]]
         ax.plot(trained["gflops"], trained["miou_pct"], "o", ms=9, mfc="none", mec=color, mew=1.6)
         same: dict[tuple[float, float], list[str]] = {}  # values at one point share a tag ("0.7, 0.8")
-        for x, y, v in zip(g["gflops"], g["miou_pct"], g["value"]):
+        for x, y, v in zip(med["gflops"], med["miou_pct"], med["value"]):
             same.setdefault((float(x), float(y)), []).append(_value_text(param, v))
         for (x, y), texts in same.items():
             ax.annotate(", ".join(texts), (x, y), xytext=(3, 4), textcoords="offset points", fontsize=6, color=color)
@@ -87,14 +120,37 @@ def plot_sweeps(table: pd.DataFrame, cells: pd.DataFrame, path: str | Path, titl
             ax.annotate(str(name), (x, y), xytext=(4, -9), textcoords="offset points", fontsize=6, color="#444444")
     ax.set_xlabel("GFLOPs per image (fvcore)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"training-free sweeps {title}".strip() + "\n(large ring: the value the cell was trained at)",
-                 fontsize=9)
+    ax.set_title(f"training-free sweeps {title}".strip() + "\n(large ring: the value the cell was trained at; "
+                 "thin lines: single seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def median_curve(rows: pd.DataFrame) -> pd.DataFrame:
+    """One sweep's curve over seeds: per value, the median mIoU and GFLOPs of its seeds.
+
+    Args:
+        rows: the rows of one sweep and cell (``value``, ``seed``, ``miou_pct``, ``gflops``, ``at_trained_value``),
+            any number of seeds.
+
+    Returns:
+        ``value, miou_pct, gflops, at_trained_value, seeds`` (seeds holding the value), in GFLOPs order.
+    """
+    g = rows.assign(at_trained_value=rows["at_trained_value"].map(_truth), miou_pct=rows["miou_pct"].astype(float),
+                    gflops=rows["gflops"].astype(float))
+    med = g.groupby("value", as_index=False).agg(miou_pct=("miou_pct", "median"), gflops=("gflops", "median"),
+                                                 at_trained_value=("at_trained_value", "any"),
+                                                 seeds=("seed", "nunique"))
+    return med.sort_values(["gflops", "value"]).reset_index(drop=True)
+
+
+def _truth(v: Any) -> bool:
+    """A CSV cell as a bool (``True`` / ``"True"`` / 1)."""
+    return v.strip().lower() in ("true", "1") if isinstance(v, str) else bool(v)
 
 
 def _finite(cells: Any) -> pd.DataFrame:

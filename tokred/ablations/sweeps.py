@@ -23,11 +23,12 @@ lowest finished seed; ``sweep.cells.<sweep>=CELL`` and ``sweep.seeds=[...]`` cho
 has no finished run is skipped with a logged line; when no sweep can run, nothing is written.
 
 Output, ``<protocol dir>/sweeps/``: ``sweeps.csv`` (``SWEEP_COLUMNS``, one row per sweep, cell, seed and value)
-and ``pareto_sweeps.png`` (``tokred.ablations.sweep_plots``). Never overwritten: a rerun on the same checkpoints
-resumes the folder row by row (rows whose key, ``ROW_KEY``, is in ``sweeps.csv`` are not evaluated again; new
-values, seeds or eval settings add rows); when a checkpoint of a cell and seed in the folder has changed
-(sha256), the results go to a new folder, ``sweeps-2``, ``sweeps-3``, ... (``tokred.io.new_run_dir``), and a
-later rerun continues the newest folder that fits its checkpoints.
+and ``pareto_sweeps.png`` (``tokred.ablations.sweep_plots``: every row of the folder evaluated as this call's
+were, seeds of earlier calls included, ``plot_rows``; one curve per sweep and cell, the median over its seeds).
+Never overwritten: a rerun on the same checkpoints resumes the folder row by row (rows whose key, ``ROW_KEY``, is
+in ``sweeps.csv`` are not evaluated again; new values, seeds or eval settings add rows); when a checkpoint of a
+cell and seed in the folder has changed (sha256), the results go to a new folder, ``sweeps-2``, ``sweeps-3``, ...
+(``tokred.io.new_run_dir``), and a later rerun continues the newest folder that fits its checkpoints.
 """
 
 from __future__ import annotations
@@ -414,7 +415,7 @@ def run_sweeps(protocol_dir: str | Path, values: Mapping[str, Sequence[float]] |
     """
     from tqdm.auto import tqdm
 
-    from tokred.ablations.sweep_plots import plot_sweeps, trained_cells
+    from tokred.ablations.sweep_plots import plot_rows, plot_sweeps, trained_cells
     from tokred.structured import ConfigError
 
     protocol_dir = Path(protocol_dir)
@@ -444,10 +445,11 @@ def run_sweeps(protocol_dir: str | Path, values: Mapping[str, Sequence[float]] |
         for spec, run in plan:
             wanted.update(_points(spec, run, chosen[spec.name], overrides, shas[(run.cell, run.seed)], done, bar,
                                   write))
-    table = _read_rows(csv)
-    keys = [_key(r) for r in table.to_dict("records")]
-    table = table[[k in wanted for k in keys]].drop_duplicates(list(ROW_KEY), keep="last").reset_index(drop=True)
-    plot_sweeps(table, trained_cells(protocol_dir), folder / "pareto_sweeps.png", title=protocol_dir.name)
+    every = _read_rows(csv)
+    keys = [_key(r) for r in every.to_dict("records")]
+    table = every[[k in wanted for k in keys]].drop_duplicates(list(ROW_KEY), keep="last").reset_index(drop=True)
+    plot_sweeps(plot_rows(every, wanted, ROW_KEY, _key), trained_cells(protocol_dir), folder / "pareto_sweeps.png",
+                title=protocol_dir.name)
     log.info("sweeps written to %s (%d new rows)", csv, len(mine))
     return table, folder
 
