@@ -228,7 +228,7 @@ def _row(seed: int, value: float, miou: float, gflops: float, trained: bool, max
 
 def test_the_plot_keeps_seeds_of_earlier_calls_and_drops_other_evaluations(tmp_path):
     from tokred.ablations.sweep_plots import plot_rows
-    from tokred.ablations.sweeps import ROW_KEY, _key
+    from tokred.ablations.sweeps import _key
 
     rows = pd.DataFrame([_row(0, 0, 40.0, 2.0, True), _row(0, 8, 39.0, 1.5, False),
                          _row(1, 0, 42.0, 2.0, True), _row(1, 8, 40.0, 1.5, False),
@@ -237,10 +237,10 @@ def test_the_plot_keeps_seeds_of_earlier_calls_and_drops_other_evaluations(tmp_p
     rows.to_csv(path, index=False)
     rows = pd.read_csv(path)  # as run_sweeps reads them back
     wanted = {_key(r) for r in rows.to_dict("records") if r["seed"] == 1 and pd.isna(r["eval_max_items"])}
-    drawn = plot_rows(rows, wanted, ROW_KEY, _key)
+    drawn = plot_rows(rows, wanted)
     assert sorted(zip(drawn["seed"], drawn["value"])) == [(0, 0), (0, 8), (1, 0), (1, 8)]  # seed 0 stays
     assert 10.0 not in set(drawn["miou_pct"])  # the 8-image evaluation is not mixed in
-    smoke = plot_rows(rows, {_key(rows.to_dict("records")[-1])}, ROW_KEY, _key)
+    smoke = plot_rows(rows, {_key(rows.to_dict("records")[-1])})
     assert list(smoke["miou_pct"]) == [10.0]
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from tokred.ablations.grid import BASELINE_CELL, read_protocol
 from tokred.ablations.plots import plot_learning_curves, plot_summary
 from tokred.io import atomic_write
-from tokred.jobs.summary import SELF_CHECK_TOLERANCE
+from tokred.jobs.summary import SELF_CHECK_TOLERANCE, busy_timing
 
 __all__ = ["SUMMARY_COLUMNS", "pareto_front", "summarize", "write_summary"]
 
@@ -92,10 +92,11 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
 
     Timing: a run whose unreduced model, timed against itself in the same process
     (``throughput_detail.self_check_speedup``), is off 1 by more than ``SELF_CHECK_TOLERANCE`` was measured on a
-    busy machine; its ``images_per_second``, ``speedup`` and ``efficiency`` are left out of the medians (NaN when
-    every seed of the cell was busy), the other columns keep it. ``timed_seeds`` counts the seeds whose timing
-    counts, ``busy_seeds`` lists those set aside (comma-separated, empty when none). Runs without a self-check
-    count as timed.
+    busy machine (``tokred.jobs.summary.busy_timing``, the rule of ``tokred run``'s warning); its
+    ``images_per_second``, ``speedup`` and ``efficiency`` are left out of the medians (NaN when every seed of the
+    cell was busy), the other columns keep it. ``timed_seeds`` counts the seeds whose timing counts,
+    ``busy_seeds`` lists those set aside (comma-separated, empty when none). Runs without a self-check count as
+    timed.
 
     Pareto membership (mIoU vs GFLOPs, lower is better; mIoU vs im/s, higher is better) is computed over the
     fine-tune cells only, so that every point on a front saw the same training steps; the baseline and off-the-shelf
@@ -135,7 +136,7 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
     for k in _NUMERIC:
         raw[k] = pd.to_numeric(_column(raw, k), errors="coerce")
     check = pd.to_numeric(_column(raw, "throughput_detail.self_check_speedup"), errors="coerce")
-    raw["_busy"] = ((check - 1.0).abs() > SELF_CHECK_TOLERANCE).to_numpy()  # NaN (no self-check) -> False
+    raw["_busy"] = check.map(busy_timing).astype(bool).to_numpy()
     if raw["_busy"].any():
         log.warning("timing self-check off 1 by more than %.2f (a busy machine) in %s: their im/s, speedup and "
                     "efficiency are left out of the medians; rerun those cells alone to time them",
@@ -183,7 +184,7 @@ def summarize(protocol_dir: str | Path) -> pd.DataFrame:
         if ft.any():
             mask[ft] = pareto_front(table.loc[ft, col], table.loc[ft, "miou_pct"], lower_cost_is_better=lower)
         table[name] = mask
-    return table[list(SUMMARY_COLUMNS)].astype({"timed_seeds": int})
+    return table[list(SUMMARY_COLUMNS)]
 
 
 def _paired(raw: pd.DataFrame, table: pd.DataFrame, reference: str) -> pd.DataFrame:

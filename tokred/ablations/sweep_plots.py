@@ -1,14 +1,16 @@
-"""The Pareto plot of the training-free sweeps: mIoU against GFLOPs per image, one curve per sweep (and cell,
-seed), the grid's trained cells as labelled points."""
+"""The Pareto plot of the training-free sweeps: mIoU against GFLOPs per image, one curve per sweep and cell (the
+median over its seeds), the grid's trained cells as labelled points."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from tokred.ablations.sweeps import EVAL_KEY, ROW_KEY, _key
 
 __all__ = ["median_curve", "plot_rows", "plot_sweeps", "trained_cells"]
 
@@ -31,32 +33,24 @@ def _value_text(parameter: str, value: float) -> str:
     return f"{int(value)}" if parameter == "r" else f"{value:g}"
 
 
-#: The part of the sweeps' ``ROW_KEY`` that says how a point was evaluated (not on what).
-_EVAL_KEY = ("eval_split", "eval_max_items", "eval_mode", "flops_images")
-
-
-def plot_rows(rows: pd.DataFrame, wanted: Iterable[tuple[str, ...]], row_key: Sequence[str],
-              key: Callable[[Mapping[str, Any]], tuple[str, ...]]) -> pd.DataFrame:
+def plot_rows(rows: pd.DataFrame, wanted: Iterable[tuple[str, ...]]) -> pd.DataFrame:
     """The rows of a sweeps folder that ``pareto_sweeps.png`` draws after a call that evaluated ``wanted``.
 
-    Every row evaluated the way this call's rows were (same ``_EVAL_KEY``: split, images, mode, GFLOPs images),
+    Every row evaluated the way this call's rows were (same ``EVAL_KEY``: split, images, mode, GFLOPs images),
     whatever its cell or seed, so seeds swept by earlier calls stay on the plot; rows of other evaluation
     settings (a smoke run with ``eval.max_items``) are left out. Duplicate keys keep the last row.
 
     Args:
         rows: ``sweeps.csv`` as read (``SWEEP_COLUMNS``).
-        wanted: ``row_key`` tuples (``key``) of this call's points.
-        row_key: ``tokred.ablations.sweeps.ROW_KEY`` (it holds ``_EVAL_KEY``).
-        key: the sweeps' row-key function (numbers normalised as strings).
+        wanted: ``ROW_KEY`` tuples (``tokred.ablations.sweeps._key``) of this call's points.
 
     Returns:
         The selected rows, index reset.
     """
-    pos = [list(row_key).index(k) for k in _EVAL_KEY]
-    evals = {tuple(k[i] for i in pos) for k in wanted}
-    keys = [key(r) for r in rows.to_dict("records")]
-    keep = [tuple(k[i] for i in pos) in evals for k in keys]
-    return rows[keep].drop_duplicates(list(row_key), keep="last").reset_index(drop=True)
+    n = len(EVAL_KEY)  # ROW_KEY ends with EVAL_KEY
+    evals = {k[-n:] for k in wanted}
+    keep = [_key(r)[-n:] in evals for r in rows.to_dict("records")]
+    return rows[keep].drop_duplicates(list(ROW_KEY), keep="last").reset_index(drop=True)
 
 
 def plot_sweeps(table: pd.DataFrame, cells: pd.DataFrame, path: str | Path, title: str = "") -> Path:

@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokred.ablations.grid import BASELINE_CELL, key_of, matches, read_protocol
 from tokred.io import atomic_write
 
-__all__ = ["DEFAULT_VALUES", "ROW_KEY", "SWEEPS", "SWEEP_COLUMNS", "SweepSpec", "run_sweeps", "sweep_job"]
+__all__ = ["DEFAULT_VALUES", "EVAL_KEY", "ROW_KEY", "SWEEPS", "SWEEP_COLUMNS", "SweepSpec", "run_sweeps", "sweep_job"]
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,10 @@ SWEEP_COLUMNS = ("sweep", "cell", "seed", "parameter", "value", "miou_pct", "gfl
                  "at_trained_value", "method", "source_method", "mode", "num_images", "eval_split",
                  "eval_max_items", "eval_mode", "flops_images", "device", "checkpoint", "checkpoint_sha256",
                  "checkpoint_mtime", "seconds")
+#: The part of a row's key that says how the point was evaluated (not on what).
+EVAL_KEY = ("eval_split", "eval_max_items", "eval_mode", "flops_images")
 #: The columns that identify a row: a rerun skips the rows whose key is already in sweeps.csv.
-ROW_KEY = ("sweep", "cell", "seed", "value", "checkpoint_sha256", "eval_split", "eval_max_items", "eval_mode",
-           "flops_images")
+ROW_KEY = ("sweep", "cell", "seed", "value", "checkpoint_sha256", *EVAL_KEY)
 #: Overrides of the sweep command that reach the runs' configurations (where and on what they are evaluated).
 _RUN_OVERRIDES = ("eval", "device", "dataset.root", "train.num_workers")
 _RUN_DIR = re.compile(r"^(?P<cell>.+?)_seed(?P<seed>\d+)(?:-(?P<dup>\d+))?$")
@@ -448,7 +449,7 @@ def run_sweeps(protocol_dir: str | Path, values: Mapping[str, Sequence[float]] |
     every = _read_rows(csv)
     keys = [_key(r) for r in every.to_dict("records")]
     table = every[[k in wanted for k in keys]].drop_duplicates(list(ROW_KEY), keep="last").reset_index(drop=True)
-    plot_sweeps(plot_rows(every, wanted, ROW_KEY, _key), trained_cells(protocol_dir), folder / "pareto_sweeps.png",
+    plot_sweeps(plot_rows(every, wanted), trained_cells(protocol_dir), folder / "pareto_sweeps.png",
                 title=protocol_dir.name)
     log.info("sweeps written to %s (%d new rows)", csv, len(mine))
     return table, folder

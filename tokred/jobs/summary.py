@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SELF_CHECK_TOLERANCE", "print_summary", "summary_warnings"]
+__all__ = ["SELF_CHECK_TOLERANCE", "busy_timing", "print_summary", "summary_warnings"]
 
 #: |self-check speedup - 1| above this means the machine was too busy for the timings to be trusted.
 SELF_CHECK_TOLERANCE = 0.1
@@ -34,12 +34,19 @@ def _speedup(m: dict[str, Any]) -> str:
     return f"{s:.3g} (IQR {iqr[0]:.3g}-{iqr[1]:.3g})" if iqr else f"{s:.3g}"
 
 
+def busy_timing(self_check: float | None) -> bool:
+    """True when the unreduced model timed against itself (``throughput_detail.self_check_speedup``) is off 1 by
+    more than ``SELF_CHECK_TOLERANCE``: the machine was busy and the run's im/s and speedup are not to be trusted.
+    None or NaN (no self-check) is False."""
+    return self_check is not None and abs(self_check - 1.0) > SELF_CHECK_TOLERANCE
+
+
 def summary_warnings(m: dict[str, Any]) -> list[str]:
     """Plain-language warnings about a run's metrics (empty when everything reads as measured)."""
     out = []
     detail = m.get("throughput_detail") or {}
     check = detail.get("self_check_speedup")
-    if check is not None and abs(check - 1.0) > SELF_CHECK_TOLERANCE:
+    if busy_timing(check):
         out.append(f"the unreduced model timed against itself gave speedup {check:.3g} (should be 1): the machine "
                    "was busy; rerun the timing alone (python -m tokred bench ...) before reading im/s or speedup")
     s, iqr = m.get("speedup"), detail.get("speedup_iqr")
